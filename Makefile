@@ -1,0 +1,25 @@
+# Each target sets itself up on a fresh machine: it creates .venv and installs the package with its
+# test extras when pyproject.toml is newer than the last install.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/hf-cifd demo --output_dir outputs/demo $(ARGS)
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests $(ARGS)
+
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) scripts/bench_data.py
+
+clean:
+	rm -rf outputs .pytest_cache

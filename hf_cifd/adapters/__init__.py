@@ -1,0 +1,12 @@
+"""Model-library adapters: the only place that knows timm, transformers and open_clip.
+
+``adapter_for(model)`` tries the registered library adapters in order and falls back to
+:class:`PlainAdapter` (any module returning ``(embedding, logits)``).
+"""
+
+from .base import Encoded, ModelAdapter, adapter_for, register_adapter
+from .plain import PlainAdapter
+from .timm import TimmAdapter
+from .transformers import TransformersAdapter
+
+__all__ = ["Encoded", "ModelAdapter", "adapter_for", "register_adapter", "PlainAdapter", "TimmAdapter", "TransformersAdapter"]

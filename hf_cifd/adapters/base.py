@@ -1,0 +1,99 @@
+"""The common interface between the trainer and a model library.
+
+An adapter is a stateless "how to call this kind of model" object: every method takes the model as its first
+argument, so the trainer can call it on the (possibly DDP / DeepSpeed wrapped) module it owns.
+
+Batch contract (what data collators produce and the trainer consumes):
+
+==========================  ===========================================================================
+``pixel_values``            student image inputs, (N, 3, H, W)
+``teacher_pixel_values``    teacher image inputs when the teacher's transform differs (else pixel_values)
+``input_ids``               student token ids (CLIP), (N, L)
+``teacher_input_ids``       teacher token ids (CLIP), when the teacher's tokenizer differs
+``labels``                  class ids (classification), (N,)
+``sample_key``              list of N strings identifying the samples (teacher-output cache join key)
+``teacher_<m>_embedding``   cached teacher embedding of modality m ("image", "text"), (N, D)
+``teacher_logits``          cached teacher logits (classification), (N, C)
+==========================  ===========================================================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Encoded:
+    """What a model produced for a batch: one embedding per modality, plus logits / a CLIP logit scale."""
+
+    embeddings: dict[str, torch.Tensor]
+    logits: torch.Tensor | None = None
+    logit_scale: torch.Tensor | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class ModelAdapter:
+    """Base class. ``task`` is "classification" or "clip"; ``modalities`` names the embeddings it produces."""
+
+    task: str = "classification"
+    modalities: tuple[str, ...] = ("image",)
+    library: str = "torch"
+
+    @staticmethod
+    def matches(model: nn.Module) -> bool:
+        raise NotImplementedError
+
+    def embedding_dims(self, model: nn.Module) -> dict[str, int]:
+        raise NotImplementedError
+
+    def num_classes(self, model: nn.Module) -> int | None:
+        return None
+
+    def encode(self, model: nn.Module, batch: Mapping[str, Any], prefix: str = "") -> Encoded:
+        """Runs the model on its inputs in ``batch`` (keys with ``prefix``, e.g. "teacher_", first)."""
+        raise NotImplementedError
+
+    def head(self, model: nn.Module, embedding: torch.Tensor) -> torch.Tensor | None:
+        """Logits from an embedding (used to feed the IBM's noisy embedding to the classifier), or None when
+        the model cannot be split there."""
+        return None
+
+    def save(self, model: nn.Module, output_dir: str) -> None:
+        """Writes the model in its own library's format (loadable without hf_cifd)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def inputs(batch: Mapping[str, Any], name: str, prefix: str = "") -> Any:
+        """``batch[prefix + name]`` if present, else ``batch[name]`` (teacher and student share inputs)."""
+        if prefix and prefix + name in batch:
+            return batch[prefix + name]
+        if name not in batch:
+            raise KeyError(f"the batch has no {name!r} (keys: {sorted(batch)}); check the data collator.")
+        return batch[name]
+
+
+_REGISTRY: list[type[ModelAdapter]] = []
+
+
+def register_adapter(cls: type[ModelAdapter]) -> type[ModelAdapter]:
+    _REGISTRY.append(cls)
+    return cls
+
+
+def adapter_for(model: nn.Module) -> ModelAdapter:
+    """Picks the adapter for ``model`` (timm, transformers, open_clip, or a plain module)."""
+    for cls in _REGISTRY:
+        if cls.matches(model):
+            return cls()
+    if isinstance(model, nn.Module):
+        from .plain import PlainAdapter
+
+        return PlainAdapter()
+    raise TypeError(
+        f"no adapter knows {type(model).__name__}: pass a timm model, a transformers image-classification "
+        "model, an open_clip model, or an nn.Module returning (embedding, logits) (see hf_cifd.adapters)."
+    )

@@ -1,0 +1,70 @@
+"""Any ``nn.Module`` whose forward returns ``(embedding, logits)``.
+
+If the module also has a ``head`` (or ``fc`` / ``classifier``) linear layer mapping the embedding to the logits,
+the IBM's noisy embedding is fed through it during training, as in the paper's Fig. 8.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from torch import nn
+
+from .base import Encoded, ModelAdapter
+
+_HEAD_NAMES = ("head", "fc", "classifier")
+
+
+class PlainAdapter(ModelAdapter):
+    """The fallback of :func:`adapter_for` when no library adapter matches."""
+
+    library = "torch"
+
+    @staticmethod
+    def matches(model: nn.Module) -> bool:
+        return isinstance(model, nn.Module)
+
+    def _head_layer(self, model) -> nn.Linear | None:
+        for name in _HEAD_NAMES:
+            layer = getattr(model, name, None)
+            if isinstance(layer, nn.Linear):
+                return layer
+        return None
+
+    def embedding_dims(self, model):
+        dim = getattr(model, "embed_dim", None) or getattr(model, "num_features", None)
+        head = self._head_layer(model)
+        if dim is None and head is not None:
+            dim = head.in_features
+        if dim is None:
+            raise ValueError(
+                f"{type(model).__name__} returns (embedding, logits) but its embedding width is unknown: give it "
+                "an `embed_dim` attribute or a `head`/`fc`/`classifier` nn.Linear."
+            )
+        return {"image": int(dim)}
+
+    def num_classes(self, model):
+        n = getattr(model, "num_classes", None)
+        head = self._head_layer(model)
+        return n if n is not None else (head.out_features if head is not None else None)
+
+    def encode(self, model, batch, prefix=""):
+        out = model(self.inputs(batch, "pixel_values", prefix))
+        if not (isinstance(out, (tuple, list)) and len(out) == 2):
+            raise TypeError(f"{type(model).__name__}.forward must return (embedding, logits), got {type(out).__name__}.")
+        embedding, logits = out
+        return Encoded(embeddings={"image": embedding.flatten(1)}, logits=logits)
+
+    def head(self, model, embedding):
+        layer = self._head_layer(model)
+        return layer(embedding) if layer is not None else None
+
+    def save(self, model, output_dir):
+        from safetensors.torch import save_model
+
+        os.makedirs(output_dir, exist_ok=True)
+        save_model(model, os.path.join(output_dir, "model.safetensors"))
+        with open(os.path.join(output_dir, "config.json"), "w") as f:
+            json.dump({"class": f"{type(model).__module__}.{type(model).__qualname__}",
+                       "init_args": getattr(model, "config", None)}, f, indent=2, default=str)

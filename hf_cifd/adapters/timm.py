@@ -1,0 +1,38 @@
+"""timm classifiers: embedding = forward_head(forward_features(x), pre_logits=True)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import Encoded, ModelAdapter, register_adapter
+
+
+@register_adapter
+class TimmAdapter(ModelAdapter):
+    library = "timm"
+
+    @staticmethod
+    def matches(model: nn.Module) -> bool:
+        return hasattr(model, "forward_features") and hasattr(model, "forward_head") and hasattr(model, "pretrained_cfg")
+
+    def embedding_dims(self, model):
+        return {"image": model.num_features}
+
+    def num_classes(self, model):
+        return model.num_classes or None
+
+    def encode(self, model, batch, prefix=""):
+        x = self.inputs(batch, "pixel_values", prefix)
+        embedding = model.forward_head(model.forward_features(x), pre_logits=True)
+        return Encoded(embeddings={"image": embedding}, logits=self.head(model, embedding))
+
+    def head(self, model, embedding: torch.Tensor):
+        return model.get_classifier()(embedding)
+
+    def save(self, model, output_dir):
+        from timm.models import save_for_hf
+
+        # config.json (architecture, num_classes, pretrained_cfg) + model.safetensors: timm's Hub format,
+        # loadable with timm.create_model("local-dir:<dir>") or "hf-hub:<repo>" after upload.
+        save_for_hf(model, output_dir, safe_serialization=True)

@@ -1,0 +1,47 @@
+"""transformers image-classification models (``AutoModelForImageClassification``)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .base import Encoded, ModelAdapter, register_adapter
+
+
+@register_adapter
+class TransformersAdapter(ModelAdapter):
+    library = "transformers"
+
+    @staticmethod
+    def matches(model: nn.Module) -> bool:
+        from transformers import PreTrainedModel
+
+        return isinstance(model, PreTrainedModel) and hasattr(model, "classifier") and hasattr(model, "config")
+
+    def _hidden(self, model) -> int:
+        head = model.classifier
+        linear = head if isinstance(head, nn.Linear) else next(m for m in head.modules() if isinstance(m, nn.Linear))
+        return linear.in_features
+
+    def embedding_dims(self, model):
+        return {"image": self._hidden(model)}
+
+    def num_classes(self, model):
+        return model.config.num_labels
+
+    def encode(self, model, batch, prefix=""):
+        x = self.inputs(batch, "pixel_values", prefix)
+        # The pooled features the classifier sees: base model output -> pooler_output (CNNs, ViT-with-pooling)
+        # or the CLS token (ViT-style models whose head reads sequence_output[:, 0]).
+        base = getattr(model, model.base_model_prefix)
+        out = base(pixel_values=x)
+        pooled = getattr(out, "pooler_output", None)
+        if pooled is None:
+            pooled = out.last_hidden_state[:, 0]
+        pooled = pooled.flatten(1)
+        return Encoded(embeddings={"image": pooled}, logits=self.head(model, pooled))
+
+    def head(self, model, embedding):
+        return model.classifier(embedding)
+
+    def save(self, model, output_dir):
+        model.save_pretrained(output_dir, safe_serialization=True)

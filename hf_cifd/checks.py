@@ -1,0 +1,61 @@
+"""Input checks shared by modules, losses and the trainer.
+
+Every check raises :class:`DistillationInputError` (a ``ValueError``) whose message names the problem and
+the fix, so that bad input fails before expensive work starts.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class DistillationInputError(ValueError):
+    """Bad input to hf_cifd: the message says what is wrong and how to fix it."""
+
+
+def check_positive(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise DistillationInputError(f"{name} must be a finite number > 0, got {value!r}.")
+
+
+def check_probability(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
+        raise DistillationInputError(f"{name} must be in [0, 1), got {value!r}.")
+
+
+def check_finite(name: str, tensor: torch.Tensor) -> None:
+    if not torch.isfinite(tensor).all():
+        bad = (~torch.isfinite(tensor)).sum().item()
+        raise DistillationInputError(
+            f"{name} contains {bad} non-finite value(s) (NaN or inf). Check the data pipeline and the "
+            "model producing it (e.g. a diverged teacher, fp16 overflow, a corrupt cache shard)."
+        )
+
+
+def check_width(name: str, tensor: torch.Tensor, expected: int, hint: str = "") -> None:
+    if tensor.dim() < 2 or tensor.shape[-1] != expected:
+        raise DistillationInputError(
+            f"{name} must have shape (batch, {expected}), got {tuple(tensor.shape)}. {hint}".rstrip()
+        )
+
+
+def check_same_batch(**tensors: torch.Tensor | None) -> None:
+    sizes = {name: t.shape[0] for name, t in tensors.items() if t is not None}
+    if len(set(sizes.values())) > 1:
+        listed = ", ".join(f"{n}={s}" for n, s in sizes.items())
+        raise DistillationInputError(
+            f"batch sizes differ ({listed}); teacher, student and label tensors must describe the same "
+            "samples in the same order."
+        )
+
+
+def check_labels(labels: torch.Tensor, num_classes: int) -> None:
+    if labels.dtype in (torch.float16, torch.float32, torch.float64, torch.bfloat16):
+        raise DistillationInputError(f"labels must be integer class ids, got dtype {labels.dtype}.")
+    if labels.numel() and (labels.min().item() < 0 or labels.max().item() >= num_classes):
+        raise DistillationInputError(
+            f"labels must lie in [0, {num_classes - 1}] for {num_classes} classes, got values in "
+            f"[{labels.min().item()}, {labels.max().item()}]. Check the label column or num_classes."
+        )

@@ -1,0 +1,93 @@
+"""Classification methods: plain student, KD, FitNet, RKD, CIFD (eq. 9/23), Comparative KD."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from .. import losses
+from .base import Method, register_method
+
+
+def _ce(method: Method, student, batch) -> dict:
+    return {"ce": method.config.lambda_ce * F.cross_entropy(student.logits, batch["labels"])}
+
+
+@register_method
+class StudentOnly(Method):
+    """No teacher: cross-entropy with the labels (the baseline every table starts from)."""
+
+    name, uses_teacher = "student", False
+
+    def loss_terms(self, student, teacher, rdms, batch, extra):
+        return _ce(self, student, batch)
+
+
+@register_method
+class KD(Method):
+    """Hinton et al.: lambda_CE * CE + lambda_KL * KL(teacher || student) at temperature tau (x tau^2)."""
+
+    name = "kd"
+
+    def loss_terms(self, student, teacher, rdms, batch, extra):
+        c = self.config
+        return {**_ce(self, student, batch),
+                "kd_teacher": c.lambda_kl * losses.kd_loss(student.logits, teacher.logits, c.temperature)}
+
+
+@register_method
+class FitNet(Method):
+    """Romero et al.: CE + embedding_weight * MSE(projected student embedding, teacher embedding)."""
+
+    name, matches_embeddings = "fitnet", True
+
+    def loss_terms(self, student, teacher, rdms, batch, extra):
+        hint = losses.fitnet_loss(student.matched["image"], teacher.embeddings["image"])
+        return {**_ce(self, student, batch), "fitnet": self.config.embedding_weight * hint}
+
+
+@register_method
+class RKD(Method):
+    """Park et al.: CE + RKD distance and angle terms on the (unprojected) embeddings."""
+
+    name = "rkd"
+
+    def loss_terms(self, student, teacher, rdms, batch, extra):
+        c = self.config
+        terms = losses.rkd_loss(student.encoded.embeddings["image"], teacher.embeddings["image"],
+                                distance_weight=c.rkd_distance_weight, angle_weight=c.rkd_angle_weight)
+        return {**_ce(self, student, batch), **terms}
+
+
+@register_method
+class CIFD(Method):
+    """CIFD eq.(9)/(23): CE + KD from the teacher and each RDM + embedding matching to the teacher and each
+    RDM (through the IBM decoder) + lambda_I * IBM rate, with KD dropout over the teacher/RDM terms."""
+
+    name, uses_rdms, matches_embeddings = "cifd", True, True
+
+    def loss_terms(self, student, teacher, rdms, batch, extra):
+        c = self.config
+        rdm_outs = rdms.get("image", [])
+        return losses.cifd_loss(
+            student.logits, batch.get("labels"), teacher.logits, [r.logits for r in rdm_outs],
+            student.matched["image"], teacher.embeddings["image"], [r.embedding for r in rdm_outs],
+            student.ibm_rate.get("image"),
+            lambda_ce=c.lambda_ce, lambda_kl=c.lambda_kl, rdm_weights=c.rdm_weights,
+            embedding_weight=c.embedding_weight, lambda_ibm=c.lambda_ibm, temperature=c.temperature,
+            distortion=c.embedding_distortion, kd_dropout=c.kd_dropout if student.training else 0.0,
+        )
+
+
+@register_method
+class ComparativeKD(Method):
+    """Comparative KD (Xu et al.): CE + ckd_weight * MSE of logit differences over all in-batch pairs vs the
+    teacher's differences and vs the one-hot label differences."""
+
+    name = "ckd"
+
+    def loss_terms(self, student, teacher, rdms, batch, extra):
+        logits = student.logits
+        pairs = losses.all_pairs(logits.shape[0]).to(logits.device)
+        terms = losses.comparative_kd_loss(logits, teacher.logits, pairs, labels=batch.get("labels"),
+                                           num_classes=logits.shape[-1])
+        return {**_ce(self, student, batch), **{k: self.config.ckd_weight * v for k, v in terms.items()}}

@@ -1,0 +1,50 @@
+"""Information Bottleneck Module (CIFD, Sec. 3.2, eq.(7), Fig. 8).
+
+Training only: the student backbone is the encoder (W = student embedding); the IBM adds U(-0.5, 0.5) noise
+(W^), scores it under its own learned density r (rate -log2 r(W^), bits per sample), and decodes W^ with
+1-2 linear layers to each target embedding width (teacher / RDM embeddings). In eval mode it returns the
+student embedding untouched and computes nothing, so it is never part of the exported student.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from ..checks import check_width
+from .bottleneck import EntropyBottleneck1d
+from .projector import Projector
+
+
+@dataclass
+class IBMOutput:
+    noisy: torch.Tensor  # W^ in training, W in eval: feed this to the student head
+    rate: torch.Tensor | None  # bits per sample (N,), None in eval
+    decoded: dict[str, torch.Tensor] = field(default_factory=dict)  # U^ per target
+
+
+class InformationBottleneck(nn.Module):
+    """IBM over a ``dim``-wide student embedding.
+
+    Args:
+        dim: width of the student embedding W.
+        target_dims: width of each embedding to reconstruct, by name (an int means one target, "teacher").
+        decoder_layers: 1 or 2 linear layers per decoder (0 allowed when a target has the student's width).
+    """
+
+    def __init__(self, dim: int, target_dims: int | Mapping[str, int], decoder_layers: int = 1):
+        super().__init__()
+        targets = {"teacher": target_dims} if isinstance(target_dims, int) else dict(target_dims)
+        self.dim = dim
+        self.density = EntropyBottleneck1d(dim)
+        self.decoders = nn.ModuleDict({name: Projector(dim, d, decoder_layers) for name, d in targets.items()})
+
+    def forward(self, w: torch.Tensor) -> IBMOutput:
+        check_width("IBM input (student embedding)", w, self.dim)
+        if not self.training:
+            return IBMOutput(noisy=w, rate=None, decoded={n: dec(w) for n, dec in self.decoders.items()})
+        w_hat, rate = self.density(w)
+        return IBMOutput(noisy=w_hat, rate=rate, decoded={n: dec(w_hat) for n, dec in self.decoders.items()})

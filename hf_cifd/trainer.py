@@ -1,0 +1,350 @@
+"""`DistillationTrainer`: a `transformers.Trainer` that distils a frozen teacher into a student.
+
+What it overrides, and why:
+
+* ``__init__``: wraps the student and every trainable loss module (IBMs, projectors, method extras) into one
+  :class:`DistillationModel`, so Trainer optimises, checkpoints and resumes them together (also under DeepSpeed
+  ZeRO); places the frozen teacher and RDMs with accelerate / DeepSpeed in eval mode; checks the inputs.
+* ``compute_loss``: teacher (or its cached outputs) -> frozen RDMs -> student -> the method's named terms.
+* ``prediction_step``: eval loss + student logits for ``compute_metrics``.
+* ``log``: adds each loss term's running mean and the teacher-call count to Trainer's logs.
+* ``save_model``: checkpoints keep the whole container; the final save / ``push_to_hub`` writes the student
+  alone, in its own library's format.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import default_collate
+from transformers import Trainer
+
+from .adapters import Encoded, ModelAdapter, adapter_for
+from .checks import DistillationInputError
+from .config import DistillationConfig
+from .methods import StudentOutput, build_method
+from .modules import InformationBottleneck, Projector, RateDistortionModule
+from .losses import total_loss
+
+logger = logging.getLogger(__name__)
+
+
+class DistillationModel(nn.Module):
+    """The one module handed to Trainer: the student plus the trainable loss modules.
+
+    ``forward(**batch)`` runs the student through its adapter and, per modality, the IBM (training: noisy
+    embedding, rate, decoded embedding at the teacher's width; the student's head sees the noisy embedding, as in
+    the paper's Fig. 8) or the projector. Only ``student`` is exported.
+    """
+
+    accepts_loss_kwargs = False  # compute_loss returns a per-batch mean; Trainer scales it for accumulation.
+
+    def __init__(
+        self,
+        student: nn.Module,
+        adapter: ModelAdapter,
+        ibms: Mapping[str, InformationBottleneck] | None = None,
+        projectors: Mapping[str, nn.Module] | None = None,
+        extra: Mapping[str, nn.Module] | None = None,
+    ):
+        super().__init__()
+        self.student = student
+        self.adapter = adapter
+        self.ibms = nn.ModuleDict(ibms or {})
+        self.projectors = nn.ModuleDict(projectors or {})
+        self.extra = nn.ModuleDict(extra or {})
+
+    def forward(self, **batch: Any) -> StudentOutput:
+        encoded = self.adapter.encode(self.student, batch)
+        matched, rates = {}, {}
+        for modality, embedding in encoded.embeddings.items():
+            if modality in self.ibms:
+                out = self.ibms[modality](embedding)
+                matched[modality], rates[modality] = out.decoded["teacher"], out.rate
+                if self.training and encoded.logits is not None:
+                    noisy_logits = self.adapter.head(self.student, out.noisy)
+                    if noisy_logits is not None:
+                        encoded.logits = noisy_logits
+            elif modality in self.projectors:
+                matched[modality] = self.projectors[modality](embedding)
+        return StudentOutput(encoded=encoded, matched=matched, ibm_rate=rates, training=self.training)
+
+
+def default_collate_fn(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """torch's default_collate (tensors stacked, strings kept as lists) with ``label`` renamed ``labels``."""
+    batch = default_collate(list(samples))
+    if "label" in batch and "labels" not in batch:
+        batch["labels"] = batch.pop("label")
+    return batch
+
+
+def _first_sample(dataset) -> Mapping[str, Any] | None:
+    if dataset is None:
+        return None
+    try:
+        if hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__"):
+            return dataset[0] if len(dataset) else None
+        return next(iter(dataset))
+    except Exception:  # an exotic dataset: the per-batch checks still apply
+        return None
+
+
+class DistillationTrainer(Trainer):
+    """Trainer for knowledge distillation (CIFD, KD, FitNet, RKD, CKD; CLIP methods via the open_clip adapter).
+
+    Args:
+        model: the student (timm, transformers, open_clip, or an nn.Module returning (embedding, logits)).
+        teacher: the frozen teacher (same kinds). May be None when ``args.teacher_cache_dir`` /
+            ``teacher_cache`` supplies its outputs, or for methods without a teacher.
+        args: a :class:`DistillationConfig`.
+        rdms: trained :class:`RateDistortionModule` s (see :func:`hf_cifd.train_rdms`): a list (single-modality
+            models) or a dict modality -> list (CLIP: "image", "text").
+        teacher_cache: a ``hf_cifd.data.TeacherCache`` (or its directory); batches are joined with it by
+            ``sample_key`` and the teacher never runs.
+        Other arguments are Trainer's.
+    """
+
+    # compute_loss returns a per-batch mean: Trainer divides it by the accumulation steps exactly once.
+    loss_is_scaled_for_ga = False
+
+    def __init__(
+        self,
+        model: nn.Module,
+        teacher: nn.Module | None = None,
+        args: DistillationConfig | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        rdms: Sequence[RateDistortionModule] | Mapping[str, Sequence[RateDistortionModule]] | None = None,
+        *,
+        data_collator=None,
+        compute_metrics=None,
+        student_adapter: ModelAdapter | None = None,
+        teacher_adapter: ModelAdapter | None = None,
+        teacher_cache=None,
+        **kwargs,
+    ):
+        args = args if args is not None else DistillationConfig(output_dir="outputs/distill")
+        if not isinstance(args, DistillationConfig):
+            raise DistillationInputError("args must be a DistillationConfig (it subclasses TrainingArguments).")
+        self.student_adapter = student_adapter or adapter_for(model)
+        self.method = build_method(args, self.student_adapter.task)
+        self.teacher_cache = self._open_cache(teacher_cache or args.teacher_cache_dir)
+        if self.method.uses_teacher and teacher is None and self.teacher_cache is None:
+            raise DistillationInputError(
+                f"method {args.method!r} needs a teacher: pass teacher=... or a teacher-output cache "
+                "(teacher_cache=... / --teacher_cache_dir, written by `hf-cifd cache-teacher`)."
+            )
+        self.teacher_adapter = teacher_adapter or (adapter_for(teacher) if teacher is not None else None)
+        student_dims = self.student_adapter.embedding_dims(model)
+        teacher_dims = self._teacher_dims(teacher)
+        rdm_map = self._check_inputs(args, model, teacher, rdms, teacher_dims, train_dataset)
+
+        ibms, projectors = {}, {}
+        if self.method.matches_embeddings and teacher_dims:
+            for modality, dim in student_dims.items():
+                if args.use_ibm and self.method.uses_rdms:
+                    ibms[modality] = InformationBottleneck(dim, teacher_dims[modality], args.ibm_decoder_layers)
+                else:
+                    projectors[modality] = Projector(dim, teacher_dims[modality], args.projector_layers)
+        container = DistillationModel(model, self.student_adapter, ibms, projectors,
+                                      self.method.extra_modules(student_dims, teacher_dims))
+        if data_collator is None:
+            data_collator = default_collate_fn
+        if self.teacher_cache is not None:
+            from .data import CachedTeacherCollator
+
+            data_collator = CachedTeacherCollator(self.teacher_cache, data_collator)
+        if compute_metrics is None and self.student_adapter.task == "classification":
+            compute_metrics = accuracy_metrics
+        super().__init__(model=container, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                         data_collator=data_collator, compute_metrics=compute_metrics, **kwargs)
+
+        self.teacher = self._prepare_teacher(teacher) if teacher is not None and self.method.uses_teacher else None
+        self.rdms = nn.ModuleDict({m: nn.ModuleList(r) for m, r in rdm_map.items()})
+        self.rdms.to(self.args.device).eval().requires_grad_(False)
+        self.teacher_calls = 0  # samples the teacher was run on, this process
+        self._term_sums: dict[str, torch.Tensor] = {}
+        self._term_count = 0
+
+    # ------------------------------------------------------------------ set-up
+    @staticmethod
+    def _open_cache(cache):
+        if cache is None or not isinstance(cache, (str, os.PathLike)):
+            return cache
+        from .data import TeacherCache
+
+        return TeacherCache(cache)
+
+    def _teacher_dims(self, teacher) -> dict[str, int]:
+        if teacher is not None:
+            return self.teacher_adapter.embedding_dims(teacher)
+        if self.teacher_cache is not None:
+            return {name[len("teacher_"):-len("_embedding")]: width for name, width in self.teacher_cache.fields.items()
+                    if name.startswith("teacher_") and name.endswith("_embedding")}
+        return {}
+
+    def _check_inputs(self, args, student, teacher, rdms, teacher_dims, train_dataset) -> dict[str, list]:
+        """Every check that can fail before training starts."""
+        task = self.student_adapter.task
+        if task == "classification" and self.method.uses_teacher:
+            n_student = self.student_adapter.num_classes(student)
+            if teacher is not None:
+                n_teacher = self.teacher_adapter.num_classes(teacher)
+            else:
+                n_teacher = self.teacher_cache.fields.get("teacher_logits")
+            if n_student and n_teacher and n_student != n_teacher:
+                raise DistillationInputError(
+                    f"the teacher predicts {n_teacher} classes but the student {n_student}: distillation needs the "
+                    "same label space (re-create the student head with the teacher's num_classes)."
+                )
+        if rdms is None:
+            rdm_map = {}
+        elif isinstance(rdms, Mapping):
+            rdm_map = {m: list(r) for m, r in rdms.items()}
+        else:
+            rdm_map = {self.student_adapter.modalities[0]: list(rdms)}
+        if self.method.uses_rdms and args.num_rdms:
+            counts = {m: len(r) for m, r in rdm_map.items()}
+            if not rdm_map or any(c != args.num_rdms for c in counts.values()):
+                raise DistillationInputError(
+                    f"method 'cifd' with num_rdms={args.num_rdms} needs {args.num_rdms} trained RDMs per modality, got "
+                    f"{counts or 'none'}: train them with hf_cifd.train_rdms(...) (or `hf-cifd train-rdms`), or set "
+                    "num_rdms=0."
+                )
+        for modality, modules in rdm_map.items():
+            for i, rdm in enumerate(modules):
+                width = teacher_dims.get(modality)
+                if width is not None and rdm.embed_dim != width:
+                    raise DistillationInputError(
+                        f"RDM {i} ({modality}) was trained for a teacher embedding of width {rdm.embed_dim}, but this "
+                        f"teacher's is {width}: train RDMs on this teacher's embeddings."
+                    )
+        if task == "classification" and self.method.needs_labels:
+            sample = _first_sample(train_dataset)
+            if sample is not None and not ({"labels", "label"} & set(sample)):
+                raise DistillationInputError(
+                    f"the training dataset has no 'labels'/'label' field (fields: {sorted(sample)}); method "
+                    f"{args.method!r} trains on labels. Add the label column or rename it to 'labels'."
+                )
+        if self.teacher_cache is not None and train_dataset is not None:
+            keys = _dataset_keys(train_dataset)
+            if keys is not None:
+                self.teacher_cache.check_covers(keys)
+        return rdm_map
+
+    def _prepare_teacher(self, teacher: nn.Module) -> nn.Module:
+        teacher.eval().requires_grad_(False)
+        if self.is_deepspeed_enabled:
+            import deepspeed
+
+            config = dict(self.accelerator.state.deepspeed_plugin.deepspeed_config)
+            zero = dict(config.get("zero_optimization", {}))
+            if zero.get("stage") != 3:
+                zero["stage"] = 0  # no sharding needed for a frozen model below ZeRO-3
+            config = {k: v for k, v in config.items() if k not in ("optimizer", "scheduler")}
+            config["zero_optimization"] = zero
+            engine, *_ = deepspeed.initialize(model=teacher, config=config)
+            return engine.module.eval()
+        return self.accelerator.prepare_model(teacher, evaluation_mode=True)
+
+    # ------------------------------------------------------------------ the loss
+    def teacher_outputs(self, batch: Mapping[str, Any]) -> Encoded | None:
+        """The teacher's outputs for ``batch``: read from cached fields when present, else computed (no grad)."""
+        if not self.method.uses_teacher:
+            return None
+        cached = {k[len("teacher_"):-len("_embedding")]: v for k, v in batch.items()
+                  if k.startswith("teacher_") and k.endswith("_embedding")}
+        if cached:
+            return Encoded(embeddings=cached, logits=batch.get("teacher_logits"))
+        if self.teacher is None:
+            raise DistillationInputError("the batch has no cached teacher outputs and no teacher was given.")
+        with torch.no_grad():
+            out = self.teacher_adapter.encode(self.teacher, batch, prefix="teacher_")
+        self.teacher_calls += next(iter(out.embeddings.values())).shape[0]
+        return out
+
+    def rdm_outputs(self, teacher: Encoded | None) -> dict[str, list]:
+        if teacher is None or not self.method.uses_rdms:
+            return {}
+        with torch.no_grad():
+            return {m: [rdm(teacher.embeddings[m]) for rdm in mods] for m, mods in self.rdms.items()}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        teacher = self.teacher_outputs(inputs)
+        student = model(**inputs)
+        terms = self.method.loss_terms(student, teacher, self.rdm_outputs(teacher), inputs,
+                                       self.accelerator.unwrap_model(model).extra)
+        loss = total_loss(terms)
+        if model.training:
+            self._record(terms)
+        return (loss, student) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss, student = self.compute_loss(model, inputs, return_outputs=True)
+        if prediction_loss_only:
+            return loss.detach(), None, None
+        return loss.detach(), student.logits, inputs.get("labels")
+
+    # ------------------------------------------------------------------ logging
+    def _record(self, terms: Mapping[str, torch.Tensor]) -> None:
+        for name, value in terms.items():
+            value = value.detach().float()
+            self._term_sums[name] = self._term_sums[name] + value if name in self._term_sums else value
+        self._term_count += 1
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._term_count:
+            names = sorted(self._term_sums)
+            means = torch.stack([self._term_sums[n] for n in names]) / self._term_count
+            means = self.accelerator.reduce(means.to(self.args.device), reduction="mean")
+            logs.update({f"loss/{n}": round(v, 6) for n, v in zip(names, means.tolist())})
+            self._term_sums, self._term_count = {}, 0
+        calls = torch.tensor(float(self.teacher_calls), device=self.args.device)
+        logs["teacher_calls"] = int(self.accelerator.reduce(calls, reduction="sum").item())
+        super().log(logs, start_time)
+
+    # ------------------------------------------------------------------ saving
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        output_dir = output_dir or self.args.output_dir
+        if _internal_call and os.path.abspath(output_dir) != os.path.abspath(self.args.output_dir):
+            # A checkpoint: the whole container (student + IBM + projectors), so that training resumes exactly.
+            return super().save_model(output_dir, _internal_call)
+        self.save_student(output_dir)
+
+    def save_student(self, output_dir: str) -> None:
+        """Writes the student alone (no IBM, projectors or RDMs) in its library's own format."""
+        student = self.accelerator.unwrap_model(self.model_wrapped).student
+        zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+        if zero3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(student.parameters()), modifier_rank=None):
+                if self.args.should_save:
+                    self.student_adapter.save(student, output_dir)
+        elif self.args.should_save:
+            self.student_adapter.save(student, output_dir)
+        if self.args.should_save:
+            logger.info("Saved the %s student to %s", self.student_adapter.library, output_dir)
+
+
+def _dataset_keys(dataset) -> list[str] | None:
+    """Sample keys of a map-style dataset (its ``sample_key`` column), or None when unknown up front."""
+    names = getattr(dataset, "column_names", None)
+    if names and "sample_key" in names and hasattr(dataset, "__len__"):
+        return list(dataset["sample_key"])
+    return None
+
+
+def accuracy_metrics(eval_pred) -> dict[str, float]:
+    """Top-1 accuracy (%) of the student's logits on the evaluation set."""
+    logits, labels = eval_pred.predictions, eval_pred.label_ids
+    if isinstance(logits, tuple):
+        logits = logits[0]
+    return {"accuracy": float(100.0 * np.mean(np.argmax(logits, axis=-1) == labels))}
