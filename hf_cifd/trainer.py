@@ -30,6 +30,7 @@ from .config import DistillationConfig
 from .methods import StudentOutput, build_method
 from .modules import InformationBottleneck, Projector, RateDistortionModule
 from .losses import total_loss
+from .teacher import TeacherRunner
 
 logger = logging.getLogger(__name__)
 
@@ -165,9 +166,9 @@ class DistillationTrainer(Trainer):
                          data_collator=data_collator, compute_metrics=compute_metrics, **kwargs)
 
         self.teacher = self._prepare_teacher(teacher) if teacher is not None and self.method.uses_teacher else None
+        self.teacher_runner = TeacherRunner(self.teacher, self.teacher_adapter)
         self.rdms = nn.ModuleDict({m: nn.ModuleList(r) for m, r in rdm_map.items()})
         self.rdms.to(self.args.device).eval().requires_grad_(False)
-        self.teacher_calls = 0  # samples the teacher was run on, this process
         self._term_sums: dict[str, torch.Tensor] = {}
         self._term_count = 0
 
@@ -253,20 +254,14 @@ class DistillationTrainer(Trainer):
         return self.accelerator.prepare_model(teacher, evaluation_mode=True)
 
     # ------------------------------------------------------------------ the loss
+    @property
+    def teacher_calls(self) -> int:
+        """Samples the teacher was run on by this process (cached outputs cost none)."""
+        return self.teacher_runner.calls
+
     def teacher_outputs(self, batch: Mapping[str, Any]) -> Encoded | None:
         """The teacher's outputs for ``batch``: read from cached fields when present, else computed (no grad)."""
-        if not self.method.uses_teacher:
-            return None
-        cached = {k[len("teacher_"):-len("_embedding")]: v for k, v in batch.items()
-                  if k.startswith("teacher_") and k.endswith("_embedding")}
-        if cached:
-            return Encoded(embeddings=cached, logits=batch.get("teacher_logits"))
-        if self.teacher is None:
-            raise DistillationInputError("the batch has no cached teacher outputs and no teacher was given.")
-        with torch.no_grad():
-            out = self.teacher_adapter.encode(self.teacher, batch, prefix="teacher_")
-        self.teacher_calls += next(iter(out.embeddings.values())).shape[0]
-        return out
+        return self.teacher_runner(batch) if self.method.uses_teacher else None
 
     def rdm_outputs(self, teacher: Encoded | None) -> dict[str, list]:
         if teacher is None or not self.method.uses_rdms:

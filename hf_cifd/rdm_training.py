@@ -1,0 +1,260 @@
+"""The RDM stage: train N Rate-Distortion Modules at different rates in ONE pass over the data.
+
+Each batch runs the teacher once (or reads its cached outputs) and feeds the same embeddings to every RDM;
+RDMs are independent, so one optimizer over all of them gives each exactly its own gradients. Afterwards each
+RDM is evaluated in inference mode (rounding instead of noise): its rate in bits, its distortion and, with a
+head, its accuracy -- the paper's Fig. 5 curve, saved as JSON and PNG -- and saved with ``save_pretrained``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from . import losses
+from .adapters import ModelAdapter
+from .checks import DistillationInputError, check_positive
+from .modules import RateDistortionModule
+from .teacher import TeacherRunner
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RDMReport:
+    """What :func:`train_rdms` did. ``metrics`` has one row per RDM (eval split when given, else train)."""
+
+    rdms: dict[str, list[RateDistortionModule]]
+    metrics: list[dict[str, Any]]
+    teacher_calls: int
+    steps: int
+    teacher_accuracy: float | None = None
+    history: list[dict[str, float]] = field(default_factory=list)  # per step: each RDM's total loss
+
+
+class _RDMBank(nn.Module):
+    """All RDMs in one module, so that one forward (and one DDP wrapper) serves them all."""
+
+    def __init__(self, rdms: Mapping[str, Sequence[RateDistortionModule]]):
+        super().__init__()
+        self.rdms = nn.ModuleDict({m: nn.ModuleList(r) for m, r in rdms.items()})
+
+    def forward(self, embeddings: Mapping[str, torch.Tensor]):
+        return {m: [rdm(embeddings[m]) for rdm in mods] for m, mods in self.rdms.items()}
+
+
+def _as_rates(rates, modalities) -> dict[str, list[float]]:
+    if isinstance(rates, Mapping):
+        return {m: [float(r) for r in rates[m]] for m in rates}
+    return {m: [float(r) for r in rates] for m in modalities}
+
+
+def train_rdms(
+    train_dataset,
+    *,
+    teacher: nn.Module | None = None,
+    rates: Sequence[float] | Mapping[str, Sequence[float]] = (1e4, 5e3, 1e3),
+    rdms: Mapping[str, Sequence[RateDistortionModule]] | Sequence[RateDistortionModule] | None = None,
+    eval_dataset=None,
+    output_dir: str | None = None,
+    epochs: float = 30.0,
+    max_steps: int | None = None,
+    batch_size: int = 256,
+    learning_rate: float = 1e-3,
+    hidden_dims: Sequence[int] = (512, 512, 512),
+    distortion: str = "smooth_l1",
+    lambda_ce: float = 1.0,
+    lambda_kl: float = 1.0,
+    temperature: float = 2.0,
+    teacher_adapter: ModelAdapter | None = None,
+    teacher_cache=None,
+    collate_fn: Callable | None = None,
+    num_workers: int = 0,
+    seed: int = 0,
+    accelerator=None,
+    progress: bool = True,
+) -> RDMReport:
+    """Trains RDMs (eq. 4, or eq. 5/22 with a classifier head) on a teacher's embeddings.
+
+    Args:
+        train_dataset: samples in the batch contract (``pixel_values``, ``labels``, ``sample_key`` ...).
+        teacher: the frozen teacher; not needed when ``teacher_cache`` covers the data.
+        rates: the rate weight R of each RDM (a dict modality -> rates for CLIP's "image"/"text").
+        rdms: RDMs to train instead of building them from ``rates``/``hidden_dims``.
+        eval_dataset: held-out samples for the reported rate / distortion / accuracy.
+        output_dir: where each RDM (``rdm-<modality>-<i>/``), ``rdm_metrics.json`` and ``rd_curve.png`` go.
+        epochs / max_steps: length of training (max_steps wins; required for streaming datasets).
+        teacher_cache: a ``hf_cifd.data.TeacherCache`` or its directory: no teacher forward at all.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from .trainer import default_collate_fn
+
+    check_positive("epochs", epochs) if max_steps is None else check_positive("max_steps", max_steps)
+    if teacher is None and teacher_cache is None:
+        raise DistillationInputError("train_rdms needs a teacher or a teacher-output cache (teacher_cache=...).")
+    accelerator = accelerator or Accelerator()
+    set_seed(seed)
+    collate = collate_fn or default_collate_fn
+    if teacher_cache is not None:
+        from .data import CachedTeacherCollator, TeacherCache
+
+        cache = TeacherCache(teacher_cache) if isinstance(teacher_cache, (str, os.PathLike)) else teacher_cache
+        collate = CachedTeacherCollator(cache, collate)
+        widths = {k[len("teacher_"):-len("_embedding")]: w for k, w in cache.fields.items() if k.endswith("_embedding")}
+        num_classes = cache.fields.get("teacher_logits")
+    runner = TeacherRunner(accelerator.prepare_model(teacher.eval().requires_grad_(False), evaluation_mode=True)
+                           if teacher is not None else None, teacher_adapter)
+    if teacher_cache is None:
+        widths = runner.adapter.embedding_dims(teacher)
+        num_classes = runner.adapter.num_classes(teacher)
+
+    if rdms is None:
+        rdms = {m: [RateDistortionModule(widths[m], hidden_dims=hidden_dims, num_classes=num_classes if m == "image" else None,
+                                         rate_weight=r, distortion=distortion) for r in rs]
+                for m, rs in _as_rates(rates, widths).items()}
+    elif not isinstance(rdms, Mapping):
+        rdms = {"image": list(rdms)}
+    for m, mods in rdms.items():
+        for i, rdm in enumerate(mods):
+            if m not in widths or rdm.embed_dim != widths[m]:
+                raise DistillationInputError(
+                    f"RDM {i} ({m}) expects width {rdm.embed_dim}, the teacher gives {widths.get(m)} for {m!r}."
+                )
+
+    bank = _RDMBank(rdms)
+    optimizer = torch.optim.Adam(bank.parameters(), lr=learning_rate)
+    loader = DataLoader(train_dataset, batch_size=batch_size, shuffle=not isinstance(train_dataset, torch.utils.data.IterableDataset),
+                        collate_fn=collate, num_workers=num_workers, drop_last=False)
+    bank, optimizer, loader = accelerator.prepare(bank, optimizer, loader)
+    if max_steps is None:
+        try:
+            max_steps = math.ceil(epochs * len(loader))
+        except TypeError:
+            raise DistillationInputError("a streaming dataset has no length: give train_rdms max_steps=...") from None
+
+    history: list[dict[str, float]] = []
+    bar = tqdm(total=max_steps, desc="RDM stage", disable=not (progress and accelerator.is_main_process))
+    bank.train()
+    step = 0
+    while step < max_steps:
+        for batch in loader:
+            teacher_out = runner(batch)
+            outputs = bank({m: teacher_out.embeddings[m].float() for m in rdms})
+            per_rdm = {}
+            for m, outs in outputs.items():
+                for i, (rdm, out) in enumerate(zip(accelerator.unwrap_model(bank).rdms[m], outs)):
+                    terms = rdm.loss(teacher_out.embeddings[m].float(), out, batch.get("labels"),
+                                     teacher_out.logits if out.logits is not None else None,
+                                     lambda_ce=lambda_ce, lambda_kl=lambda_kl, temperature=temperature)
+                    per_rdm[f"{m}/{i}"] = losses.total_loss(terms)
+            loss = torch.stack(list(per_rdm.values())).sum()
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            optimizer.step()
+            history.append({k: v.item() for k, v in per_rdm.items()})
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3g}")
+            if step >= max_steps:
+                break
+    bar.close()
+
+    trained = {m: list(mods) for m, mods in accelerator.unwrap_model(bank).rdms.items()}
+    metrics, teacher_acc = evaluate_rdms(trained, eval_dataset if eval_dataset is not None else train_dataset, runner,
+                                         collate, batch_size, accelerator)
+    teacher_calls = int(accelerator.reduce(torch.tensor(float(runner.calls), device=accelerator.device), "sum").item())
+    logger.info("RDM stage: %d steps, %d teacher calls", step, teacher_calls)
+    report = RDMReport(rdms=trained, metrics=metrics, teacher_calls=teacher_calls, steps=step,
+                       teacher_accuracy=teacher_acc, history=history)
+    if output_dir and accelerator.is_main_process:
+        save_rdm_report(report, output_dir)
+    return report
+
+
+@torch.no_grad()
+def evaluate_rdms(rdms, dataset, runner: TeacherRunner, collate, batch_size, accelerator):
+    """Rate (bits/sample), distortion and accuracy of each RDM in inference mode (rounding), + the teacher's."""
+    loader = accelerator.prepare(DataLoader(dataset, batch_size=batch_size, collate_fn=collate))
+    sums: dict[tuple[str, int], dict[str, float]] = {}
+    teacher_correct = count = 0
+    for mods in rdms.values():
+        for rdm in mods:
+            rdm.eval()
+    for batch in loader:
+        teacher_out = runner(batch)
+        labels = batch.get("labels")
+        n = next(iter(teacher_out.embeddings.values())).shape[0]
+        count += n
+        if labels is not None and teacher_out.logits is not None:
+            teacher_correct += (teacher_out.logits.argmax(-1) == labels).sum().item()
+        for m, mods in rdms.items():
+            x = teacher_out.embeddings[m].float()
+            for i, rdm in enumerate(mods):
+                out = rdm(x)
+                row = sums.setdefault((m, i), {"rate_bits": 0.0, "distortion": 0.0, "correct": 0.0})
+                row["rate_bits"] += out.rate.sum().item()
+                row["distortion"] += losses.embedding_distortion(out.embedding, x, rdm.distortion).item() * n
+                if out.logits is not None and labels is not None:
+                    row["correct"] += (out.logits.argmax(-1) == labels).sum().item()
+    metrics = []
+    for (m, i), row in sums.items():
+        rdm = rdms[m][i]
+        has_acc = rdm.head is not None and teacher_out.logits is not None
+        metrics.append({
+            "modality": m, "index": i, "rate_weight": rdm.rate_weight,
+            "rate_bits": row["rate_bits"] / count, "distortion": row["distortion"] / count,
+            "accuracy": 100.0 * row["correct"] / count if has_acc else None,
+        })
+    for mods in rdms.values():
+        for rdm in mods:
+            rdm.train()
+    teacher_acc = 100.0 * teacher_correct / count if teacher_correct else None
+    return metrics, teacher_acc
+
+
+def save_rdm_report(report: RDMReport, output_dir: str) -> None:
+    """Saves each RDM (``save_pretrained``), ``rdm_metrics.json`` and the rate-accuracy plot ``rd_curve.png``."""
+    os.makedirs(output_dir, exist_ok=True)
+    for m, mods in report.rdms.items():
+        for i, rdm in enumerate(mods):
+            rdm.save_pretrained(os.path.join(output_dir, f"rdm-{m}-{i}"))
+    with open(os.path.join(output_dir, "rdm_metrics.json"), "w") as f:
+        json.dump({"rdms": report.metrics, "teacher_accuracy": report.teacher_accuracy,
+                   "teacher_calls": report.teacher_calls, "steps": report.steps}, f, indent=2)
+    plot_rd_curve(report.metrics, os.path.join(output_dir, "rd_curve.png"), report.teacher_accuracy)
+
+
+def plot_rd_curve(metrics: Sequence[Mapping[str, Any]], path: str, teacher_accuracy: float | None = None) -> None:
+    """The paper's Fig. 5: each RDM's accuracy (or distortion, without a head) against its rate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for m in sorted({row["modality"] for row in metrics}):
+        rows = sorted((r for r in metrics if r["modality"] == m), key=lambda r: r["rate_bits"])
+        y_key = "accuracy" if rows[0]["accuracy"] is not None else "distortion"
+        ax.plot([r["rate_bits"] for r in rows], [r[y_key] for r in rows], "o-", label=f"RDMs ({m})")
+        for r in rows:
+            ax.annotate(f"R={r['rate_weight']:g}", (r["rate_bits"], r[y_key]), fontsize=7)
+    if teacher_accuracy is not None:
+        ax.axhline(teacher_accuracy, color="gray", ls="--", label="teacher")
+    ax.set_xlabel("rate (bits / sample)")
+    ax.set_ylabel("accuracy (%)" if metrics and metrics[0]["accuracy"] is not None else "distortion")
+    ax.set_title("RDM rate vs performance")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
