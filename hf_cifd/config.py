@@ -66,10 +66,46 @@ class DistillationConfig(TrainingArguments):
     ckd_weight: float = field(default=1.0, metadata={"help": "Weight of the Comparative KD terms (method ckd)."})
     # --- CLIP ---------------------------------------------------------------------------------------------------
     lambda_cl: float = field(default=0.005, metadata={"help": "lambda_CL: contrastive-loss weight in CIFD for CLIP (eq. 13)."})
+    # --- CLIP distillation (issue 4) ---
+    clip_distill_weight: float = field(
+        default=1.0, metadata={"help": "Weight of the open_clip distillation / TinyCLIP affinity term (methods openclip, tinyclip)."})
+    clipkd_fd_weight: float = field(default=2000.0, metadata={"help": "CLIP-KD feature-distillation weight (Yang et al.: 2000)."})
+    clipkd_crd_weight: float = field(default=1.0, metadata={"help": "CLIP-KD contrastive relational distillation weight."})
+    clipkd_icl_weight: float = field(default=1.0, metadata={"help": "CLIP-KD interactive contrastive learning weight."})
     # --- teacher ------------------------------------------------------------------------------------------------
     teacher_cache_dir: str | None = field(
         default=None, metadata={"help": "Directory of a teacher-output cache (hf-cifd cache-teacher): the teacher never runs."}
     )
+    # --- InDistill / Comparative KD (issue 6) ---
+    indistill_layers: list[str] | None = field(
+        default=None,
+        metadata={"help": "InDistill warm-up layer pairs, earliest first: 'teacher.module.path:student.module.path' "
+                          "(optionally ':teacher.producer.path', the Conv/Linear whose filters rank the teacher's "
+                          "channels). Unset = no warm-up. E.g. --indistill_layers layer1:layer1 layer2:layer2"},
+    )
+    indistill_a: float = field(
+        default=2.0, metadata={"help": "InDistill curriculum: layer pair l (0-based) is active for a + 1 + l epochs/steps (paper code: a = 2)."}
+    )
+    indistill_durations: list[float] | None = field(
+        default=None, metadata={"help": "Explicit epochs/steps per InDistill layer pair (overrides indistill_a)."}
+    )
+    indistill_unit: str = field(
+        default="epoch", metadata={"help": "Unit of the InDistill schedule: epoch, or step (optimizer steps; streaming / max_steps runs)."}
+    )
+    indistill_weight: float = field(default=1.0, metadata={"help": "Weight of the InDistill feature-map MSE."})
+    ckd_addon: bool = field(
+        default=False, metadata={"help": "Add the Comparative KD terms (weighted by ckd_weight) to any other teacher method."}
+    )
+    ckd_embedding_weight: float = field(
+        default=0.0, metadata={"help": "CKD on embeddings: relative weight (x ckd_weight) of the comparative term on the "
+                                       "(projected) embeddings; 0 = logits only (the paper's default)."}
+    )
+    teacher_call_budget: int = field(
+        default=0, metadata={"help": "Reduced-teacher-inference mode: N > 0 picks N training samples, runs the teacher "
+                                     "once on each (cached) and trains on them only, with comparative pairs. 0 = off."}
+    )
+    ckd_pool_size: int = field(default=100_000, metadata={"help": "Budget mode: size of the fixed pool of sample pairs."})
+    ckd_seed: int | None = field(default=None, metadata={"help": "Budget mode: seed of the subset and pair pool (default: seed)."})
 
     def __post_init__(self):
         # Checked before TrainingArguments sets up devices: a bad value fails in milliseconds.
@@ -81,6 +117,7 @@ class DistillationConfig(TrainingArguments):
             if not (math.isfinite(value) and value > 0):
                 raise DistillationInputError(f"{name} must be > 0, got {value!r}.")
         for name in ("lambda_ce", "lambda_kl", "embedding_weight", "lambda_ibm", "lambda_cl", "ckd_weight",
+                     "clip_distill_weight", "clipkd_fd_weight", "clipkd_crd_weight", "clipkd_icl_weight",
                      "rkd_distance_weight", "rkd_angle_weight"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
@@ -103,9 +140,45 @@ class DistillationConfig(TrainingArguments):
             raise DistillationInputError(f"every RDM rate weight R must be > 0, got {self.rdm_rates}.")
         if self.rdm_weights is not None and len(self.rdm_weights) != self.num_rdms:
             raise DistillationInputError(f"rdm_weights needs {self.num_rdms} values (one per RDM), got {len(self.rdm_weights)}.")
+        self._check_issue6()
         # Distillation batches carry teacher inputs and cache keys that no model signature names.
         self.remove_unused_columns = False
         super().__post_init__()
+
+    def _check_issue6(self) -> None:
+        """InDistill / Comparative KD fields (issue 6)."""
+        from .methods.indistill import curriculum_durations, parse_layer_pairs
+
+        if isinstance(self.indistill_layers, str):
+            self.indistill_layers = [self.indistill_layers]
+        pairs = parse_layer_pairs(self.indistill_layers)
+        if self.indistill_unit not in ("epoch", "step"):
+            raise DistillationInputError(f"indistill_unit must be 'epoch' or 'step', got {self.indistill_unit!r}.")
+        if not (math.isfinite(self.indistill_a) and self.indistill_a >= 0):
+            raise DistillationInputError(f"indistill_a must be >= 0, got {self.indistill_a!r}.")
+        if pairs:
+            durations = curriculum_durations(len(pairs), self.indistill_a, self.indistill_durations)
+            if any(not (math.isfinite(d) and d > 0) for d in durations):
+                raise DistillationInputError(f"every InDistill duration must be > 0, got {durations}.")
+        for name in ("indistill_weight", "ckd_embedding_weight"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise DistillationInputError(f"{name} must be a finite number >= 0, got {value!r}.")
+        if not isinstance(self.teacher_call_budget, int) or self.teacher_call_budget < 0:
+            raise DistillationInputError(f"teacher_call_budget must be an int >= 0 (0 = off), got {self.teacher_call_budget!r}.")
+        if not isinstance(self.ckd_pool_size, int) or self.ckd_pool_size < 1:
+            raise DistillationInputError(f"ckd_pool_size must be an int >= 1, got {self.ckd_pool_size!r}.")
+        no_teacher = self.method in ("student", "clip")
+        if self.teacher_call_budget and no_teacher:
+            raise DistillationInputError(f"teacher_call_budget limits teacher calls; method {self.method!r} has no teacher.")
+        if self.ckd_addon and no_teacher:
+            raise DistillationInputError(f"ckd_addon compares student and teacher outputs; method {self.method!r} has no teacher.")
+        if pairs and no_teacher:
+            raise DistillationInputError(f"InDistill (indistill_layers) distils teacher features; method {self.method!r} has no teacher.")
+        if pairs and self.teacher_call_budget:
+            raise DistillationInputError(
+                "InDistill reads the teacher's intermediate features at every warm-up step, which a teacher-call budget "
+                "cannot allow: use indistill_layers or teacher_call_budget, not both.")
 
     @property
     def uses_teacher(self) -> bool:

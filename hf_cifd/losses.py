@@ -5,9 +5,11 @@ paper; other methods cite their reference implementation.
 
 Conventions shared by all functions:
 
-* Embedding distortions follow the paper's ``||a - b||_2^2``: SUM over feature dims, MEAN over batch.
-  Element-wise "MSE" losses of other methods (FitNet, CKD, CLIP-KD FD) use ``F.mse_loss``, the MEAN over
-  all elements, as their reference implementations do.
+* Embedding distortions (the paper's ``||a - b||_2^2`` and its smooth-L1 variant) are the MEAN over all
+  elements, PyTorch's ``MSELoss`` / ``SmoothL1Loss`` default, i.e. ``||a - b||^2 / dim`` averaged over the
+  batch. The paper's weights assume this scale: with a sum over a 512- or 2048-wide embedding, the
+  embedding-loss weight 100 would swamp the CE/KD terms and R = 1e3..1e4 would make the rate irrelevant.
+  Element-wise "MSE" losses of other methods (FitNet, CKD, CLIP-KD FD) use the same ``F.mse_loss`` mean.
 * Rates are bits per sample, tensors of shape ``(N,)``, averaged over the batch.
 * Targets (teacher, RDM outputs) are detached: a distillation loss never pushes gradient into the model
   being imitated, even when that model (e.g. an RDM trained in parallel) shares the autograd graph.
@@ -189,7 +191,7 @@ def _distortion(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Te
         per_element = (pred - target).pow(2)
     else:
         per_element = F.smooth_l1_loss(pred, target, reduction="none", beta=1.0)
-    return per_element.flatten(1).sum(dim=1).mean()
+    return per_element.mean()
 
 
 def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -304,8 +306,8 @@ def embedding_distortion(pred: torch.Tensor, target: torch.Tensor, kind: str = "
     """Embedding distortion ``D(pred, target)`` of eqs. (4), (8), (12), (23).
 
     ``kind="mse"``: ``||pred - target||_2^2``; ``kind="smooth_l1"``: element-wise smooth-L1 (beta=1),
-    the ImageNet variant of the paper (appendix A.2). Reduction: SUM over all non-batch dims, MEAN over
-    the batch. ``target`` is detached.
+    the ImageNet variant of the paper (appendix A.2). Reduction: MEAN over all elements (``||.||^2 / dim``
+    averaged over the batch; see the module docstring for why). ``target`` is detached.
     """
     _check_kind(kind)
     _check_matching("pred", pred, "target", target, exact_dim=None)
@@ -318,7 +320,7 @@ def rate_distortion_loss(
     """RDM rate-distortion objective, eq. (4): ``R * D(X, X^) - log q(Y^)``.
 
     Returns ``{"distortion": R * D(x_hat, x), "rate": mean(rate_bits)}`` where ``R = rate_weight`` (> 0)
-    and ``D`` is :func:`embedding_distortion` (sum over dims, mean over batch). ``rate_bits`` is
+    and ``D`` is :func:`embedding_distortion` (mean over elements). ``rate_bits`` is
     ``-log2 q(Y^)`` per sample, shape ``(N,)``, averaged over the batch. The paper's ``-log q`` in nats
     is ``ln 2`` times this; the difference is a rescaling of ``R``.
     """
@@ -513,7 +515,7 @@ def cifd_modality_loss(
 
     Terms: ``"emb_teacher"`` = ``D(U^, X)``, ``"emb_rdm_{n}"`` = ``lambda_n * D(U^, X_n)``,
     ``"ibm_rate"`` = ``lambda_ibm * mean(ibm_rate_bits)`` (when given). D is
-    :func:`embedding_distortion`: sum over dims, mean over the batch (eq. 12's ``1/B sum_b``).
+    :func:`embedding_distortion`: mean over elements (eq. 12's ``1/B sum_b``, per dimension).
     No KD dropout and no extra embedding weight (eq. 12 has neither); eq. (13) adds
     ``lambda_CL * clip_contrastive_loss`` and one of these per modality.
     """

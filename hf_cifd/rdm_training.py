@@ -107,7 +107,7 @@ def train_rdms(
     set_seed(seed)
     collate = collate_fn or default_collate_fn
     if teacher_cache is not None:
-        from .data import CachedTeacherCollator, TeacherCache
+        from .data.cache import CachedTeacherCollator, TeacherCache
 
         cache = TeacherCache(teacher_cache) if isinstance(teacher_cache, (str, os.PathLike)) else teacher_cache
         collate = CachedTeacherCollator(cache, collate)

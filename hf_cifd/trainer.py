@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.utils.data import default_collate
 from transformers import Trainer
+from transformers.trainer_utils import enable_full_determinism, set_seed
 
 from .adapters import Encoded, ModelAdapter, adapter_for
 from .checks import DistillationInputError
@@ -67,6 +68,7 @@ class DistillationModel(nn.Module):
             if modality in self.ibms:
                 out = self.ibms[modality](embedding)
                 matched[modality], rates[modality] = out.decoded["teacher"], out.rate
+                encoded.extras.setdefault("ibm_noisy", {})[modality] = out.noisy  # W^ (CLIP: the contrastive input)
                 if self.training and encoded.logits is not None:
                     noisy_logits = self.adapter.head(self.student, out.noisy)
                     if noisy_logits is not None:
@@ -107,6 +109,8 @@ class DistillationTrainer(Trainer):
             models) or a dict modality -> list (CLIP: "image", "text").
         teacher_cache: a ``hf_cifd.data.TeacherCache`` (or its directory); batches are joined with it by
             ``sample_key`` and the teacher never runs.
+        indistill_teacher: (keyword) an auxiliary teacher for the InDistill warm-up (``args.indistill_layers``),
+            e.g. trained by :func:`hf_cifd.methods.indistill.train_auxiliary_teacher`; default: the teacher.
         Other arguments are Trainer's.
     """
 
@@ -127,13 +131,37 @@ class DistillationTrainer(Trainer):
         student_adapter: ModelAdapter | None = None,
         teacher_adapter: ModelAdapter | None = None,
         teacher_cache=None,
+        evaluator=None,
         **kwargs,
     ):
         args = args if args is not None else DistillationConfig(output_dir="outputs/distill")
         if not isinstance(args, DistillationConfig):
             raise DistillationInputError("args must be a DistillationConfig (it subclasses TrainingArguments).")
+        # Trainer seeds in its __init__, after the IBM / projectors below are created: seed them the same way.
+        enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
         self.student_adapter = student_adapter or adapter_for(model)
         self.method = build_method(args, self.student_adapter.task)
+        # --- InDistill / Comparative KD (issue 6): add-on, budget subset, warm-up stage (hf_cifd/methods/ckd.py,
+        # indistill.py); all their input checks run here, before Trainer is built.
+        from .methods.ckd import TeacherCallBudget, with_ckd_addon
+        from .methods.indistill import InDistillStage
+
+        self.method = with_ckd_addon(self.method, args)
+        indistill_teacher = kwargs.pop("indistill_teacher", None)
+        self.ckd_budget = TeacherCallBudget(args, train_dataset) if args.teacher_call_budget else None
+        if self.ckd_budget is not None:
+            if teacher is None or teacher_cache is not None or args.teacher_cache_dir:
+                raise DistillationInputError(
+                    "teacher_call_budget runs the teacher itself on the N budget samples: pass teacher=... and no "
+                    "teacher-output cache.")
+            train_dataset = self.ckd_budget.dataset
+        stage_teacher = indistill_teacher if indistill_teacher is not None else teacher
+        if args.indistill_layers and stage_teacher is None:
+            raise DistillationInputError(
+                "InDistill reads the teacher's intermediate features: pass teacher=... (or indistill_teacher=...); a "
+                "teacher-output cache holds final outputs only.")
+        self.indistill = InDistillStage.from_config(
+            args, stage_teacher, model, adapter_for(stage_teacher) if stage_teacher is not None else None)
         self.teacher_cache = self._open_cache(teacher_cache or args.teacher_cache_dir)
         if self.method.uses_teacher and teacher is None and self.teacher_cache is None:
             raise DistillationInputError(
@@ -157,9 +185,11 @@ class DistillationTrainer(Trainer):
         if data_collator is None:
             data_collator = default_collate_fn
         if self.teacher_cache is not None:
-            from .data import CachedTeacherCollator
+            from .data.cache import CachedTeacherCollator
 
             data_collator = CachedTeacherCollator(self.teacher_cache, data_collator)
+        # CLIP (issue 4): a callable(student) -> {metric: value} run by evaluate(), e.g. hf_cifd.clip_eval.CLIPEvaluator.
+        self.evaluator = evaluator
         if compute_metrics is None and self.student_adapter.task == "classification":
             compute_metrics = accuracy_metrics
         super().__init__(model=container, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
@@ -167,6 +197,7 @@ class DistillationTrainer(Trainer):
 
         self.teacher = self._prepare_teacher(teacher) if teacher is not None and self.method.uses_teacher else None
         self.teacher_runner = TeacherRunner(self.teacher, self.teacher_adapter)
+        self._setup_issue6(indistill_teacher)
         self.rdms = nn.ModuleDict({m: nn.ModuleList(r) for m, r in rdm_map.items()})
         self.rdms.to(self.args.device).eval().requires_grad_(False)
         self._term_sums: dict[str, torch.Tensor] = {}
@@ -177,7 +208,7 @@ class DistillationTrainer(Trainer):
     def _open_cache(cache):
         if cache is None or not isinstance(cache, (str, os.PathLike)):
             return cache
-        from .data import TeacherCache
+        from .data.cache import TeacherCache
 
         return TeacherCache(cache)
 
@@ -269,7 +300,59 @@ class DistillationTrainer(Trainer):
         with torch.no_grad():
             return {m: [rdm(teacher.embeddings[m]) for rdm in mods] for m, mods in self.rdms.items()}
 
+    # ------------------------------------------------------------------ InDistill / Comparative KD (issue 6)
+    def _setup_issue6(self, indistill_teacher) -> None:
+        if self.ckd_budget is not None:  # the teacher runs once on each budget sample, then never again
+            self.teacher_runner.calls += self.ckd_budget.run_teacher(
+                self.teacher, self.teacher_adapter, self.data_collator, self.accelerator,
+                self.args.per_device_eval_batch_size)
+            self.data_collator = self.ckd_budget.collator(self.data_collator)
+            self.teacher_runner.model = None
+        if self.indistill is not None:
+            if indistill_teacher is not None:
+                self.indistill.teacher = self._prepare_teacher(indistill_teacher)
+            else:
+                self.indistill.teacher = self.teacher
+                self.indistill.counter = self.teacher_runner  # warm-up teacher passes count as teacher calls
+            logger.info("InDistill schedule: %s", self.indistill.schedule.describe(self.indistill.pairs))
+
+    def _get_train_sampler(self, train_dataset=None):
+        if self.ckd_budget is not None:  # batches of whole pairs drawn from the pool of all subset pairs
+            return self.ckd_budget.sampler(self._train_batch_size, self.args.world_size)
+        return super()._get_train_sampler(train_dataset)
+
+    def train(self, *args, **kwargs):
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            if self.indistill is not None:
+                self.indistill.close()  # no hook survives train(), even when it fails
+
+    def _issue6_loss(self, model, inputs, return_outputs):
+        """The InDistill warm-up loss while a layer pair is active, or (budget mode) the CE of evaluation batches
+        the teacher may not see; None when the ordinary loss applies."""
+        from .methods.ckd import student_only_terms
+        from .teacher import cached_teacher_outputs
+
+        terms = None
+        if self.indistill is not None and model.training:
+            index = self.indistill.active(self.state)
+            if index is not None:
+                terms, student = self.indistill.loss_terms(index, inputs, lambda: model(**inputs))
+        if terms is None and self.ckd_budget is not None and cached_teacher_outputs(inputs) is None:
+            student = model(**inputs)
+            terms = student_only_terms(self.args, student, inputs)
+        if terms is None:
+            return None
+        loss = total_loss(terms)
+        if model.training:
+            self._record(terms)
+        return (loss, student) if return_outputs else loss
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        special = self._issue6_loss(model, inputs, return_outputs)
+        if special is not None:
+            return special
         teacher = self.teacher_outputs(inputs)
         student = model(**inputs)
         terms = self.method.loss_terms(student, teacher, self.rdm_outputs(teacher), inputs,
@@ -287,6 +370,29 @@ class DistillationTrainer(Trainer):
             return loss.detach(), None, None
         return loss.detach(), student.logits, inputs.get("labels")
 
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Trainer's evaluation (eval loss) plus, when an ``evaluator`` was given, its metrics (CLIP: zero-shot top-1/5
+        and retrieval R@1/5/10), computed on the main process, broadcast, logged and returned as ``eval_*``."""
+        has_data = eval_dataset is not None or self.eval_dataset is not None
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix) if has_data else {}
+        if self.evaluator is None:
+            return metrics
+        from accelerate.utils import broadcast_object_list
+
+        extra = [None]
+        if self.accelerator.is_main_process:
+            student = self.accelerator.unwrap_model(self.model_wrapped).student
+            was_training = student.training
+            student.eval()
+            with torch.no_grad():
+                extra[0] = {f"{metric_key_prefix}_{k}": v for k, v in self.evaluator(student).items()}
+            student.train(was_training)
+        if self.accelerator.num_processes > 1:
+            broadcast_object_list(extra, from_process=0)
+        self.log(extra[0])
+        metrics.update(extra[0])
+        return metrics
+
     # ------------------------------------------------------------------ logging
     def _record(self, terms: Mapping[str, torch.Tensor]) -> None:
         for name, value in terms.items():
@@ -301,6 +407,8 @@ class DistillationTrainer(Trainer):
             means = self.accelerator.reduce(means.to(self.args.device), reduction="mean")
             logs.update({f"loss/{n}": round(v, 6) for n, v in zip(names, means.tolist())})
             self._term_sums, self._term_count = {}, 0
+        if self.indistill is not None and "loss" in logs:  # the layer pair of the last step (-1: main method)
+            logs["indistill_pair"] = -1 if self.indistill.last_active is None else self.indistill.last_active
         calls = torch.tensor(float(self.teacher_calls), device=self.args.device)
         logs["teacher_calls"] = int(self.accelerator.reduce(calls, reduction="sum").item())
         super().log(logs, start_time)

@@ -5,8 +5,9 @@
 """
 
 from .base import Encoded, ModelAdapter, adapter_for, register_adapter
+from .open_clip import OpenCLIPAdapter  # registered first: lookup order = registration order
 from .plain import PlainAdapter
 from .timm import TimmAdapter
 from .transformers import TransformersAdapter
 
-__all__ = ["Encoded", "ModelAdapter", "adapter_for", "register_adapter", "PlainAdapter", "TimmAdapter", "TransformersAdapter"]
+__all__ = ["Encoded", "ModelAdapter", "adapter_for", "register_adapter", "OpenCLIPAdapter", "PlainAdapter", "TimmAdapter", "TransformersAdapter"]

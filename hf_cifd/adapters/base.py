@@ -20,7 +20,7 @@ Batch contract (what data collators produce and the trainer consumes):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -61,6 +61,10 @@ class ModelAdapter:
         """Logits from an embedding (used to feed the IBM's noisy embedding to the classifier), or None when
         the model cannot be split there."""
         return None
+
+    def image_transform(self, model: nn.Module, train: bool) -> Callable:
+        """PIL image -> input tensor, as the model's library prescribes (train: with augmentation)."""
+        raise NotImplementedError(f"{type(self).__name__} has no image transform: pass transforms explicitly.")
 
     def save(self, model: nn.Module, output_dir: str) -> None:
         """Writes the model in its own library's format (loadable without hf_cifd)."""

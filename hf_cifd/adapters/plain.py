@@ -60,6 +60,22 @@ class PlainAdapter(ModelAdapter):
         layer = self._head_layer(model)
         return layer(embedding) if layer is not None else None
 
+    def image_transform(self, model, train):
+        """Resize to ``model.input_size`` (default 32), CIFAR-style crop/flip when training, ``model.mean``/``std``
+        normalisation (default ImageNet's)."""
+        from torchvision import transforms as T
+
+        size = getattr(model, "input_size", 32)
+        mean = getattr(model, "mean", (0.485, 0.456, 0.406))
+        std = getattr(model, "std", (0.229, 0.224, 0.225))
+        steps = [T.Resize(size), T.CenterCrop(size)]
+        if train:
+            steps += [T.RandomCrop(size, padding=size // 8), T.RandomHorizontalFlip()]
+        if getattr(model, "in_channels", 3) == 1:
+            steps.append(T.Grayscale())
+            mean, std = mean[:1], std[:1]
+        return T.Compose([*steps, T.ToTensor(), T.Normalize(mean, std)])
+
     def save(self, model, output_dir):
         from safetensors.torch import save_model
 

@@ -30,6 +30,11 @@ class TimmAdapter(ModelAdapter):
     def head(self, model, embedding: torch.Tensor):
         return model.get_classifier()(embedding)
 
+    def image_transform(self, model, train):
+        from timm.data import create_transform, resolve_model_data_config
+
+        return create_transform(**resolve_model_data_config(model), is_training=train)
+
     def save(self, model, output_dir):
         from timm.models import save_for_hf
 

@@ -1,4 +1,4 @@
-"""Classification methods: plain student, KD, FitNet, RKD, CIFD (eq. 9/23), Comparative KD."""
+"""Classification methods: plain student, KD, FitNet, RKD, CIFD (eq. 9/23). Comparative KD: see ckd.py."""
 
 from __future__ import annotations
 
@@ -78,16 +78,4 @@ class CIFD(Method):
         )
 
 
-@register_method
-class ComparativeKD(Method):
-    """Comparative KD (Xu et al.): CE + ckd_weight * MSE of logit differences over all in-batch pairs vs the
-    teacher's differences and vs the one-hot label differences."""
-
-    name = "ckd"
-
-    def loss_terms(self, student, teacher, rdms, batch, extra):
-        logits = student.logits
-        pairs = losses.all_pairs(logits.shape[0]).to(logits.device)
-        terms = losses.comparative_kd_loss(logits, teacher.logits, pairs, labels=batch.get("labels"),
-                                           num_classes=logits.shape[-1])
-        return {**_ce(self, student, batch), **{k: self.config.ckd_weight * v for k, v in terms.items()}}
+# Comparative KD (method "ckd", the CKD add-on and the teacher-call budget) lives in hf_cifd/methods/ckd.py.
