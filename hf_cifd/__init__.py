@@ -24,6 +24,16 @@ _EXPORTS = {
     "adapter_for": "hf_cifd.adapters",
     "DistillationInputError": "hf_cifd.checks",
     "losses": "hf_cifd.losses",
+    "SimpleCNN": "hf_cifd.models",
+    "RecipeArguments": "hf_cifd.pipeline",
+    "run_classification": "hf_cifd.pipeline",
+    "load_model": "hf_cifd.pipeline",
+    "relaunch_for_cpu_processes": "hf_cifd.launch",
+    "cache_teacher_outputs": "hf_cifd.data",
+    "TeacherCache": "hf_cifd.data",
+    "load_image_dataset": "hf_cifd.data",
+    "evaluate_clip": "hf_cifd.clip_eval",
+    "CLIPEvaluator": "hf_cifd.clip_eval",
 }
 
 __all__ = sorted(_EXPORTS)

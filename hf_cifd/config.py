@@ -66,7 +66,7 @@ class DistillationConfig(TrainingArguments):
     ckd_weight: float = field(default=1.0, metadata={"help": "Weight of the Comparative KD terms (method ckd)."})
     # --- CLIP ---------------------------------------------------------------------------------------------------
     lambda_cl: float = field(default=0.005, metadata={"help": "lambda_CL: contrastive-loss weight in CIFD for CLIP (eq. 13)."})
-    # --- CLIP distillation (issue 4) ---
+    # --- CLIP distillation baselines ---
     clip_distill_weight: float = field(
         default=1.0, metadata={"help": "Weight of the open_clip distillation / TinyCLIP affinity term (methods openclip, tinyclip)."})
     clipkd_fd_weight: float = field(default=2000.0, metadata={"help": "CLIP-KD feature-distillation weight (Yang et al.: 2000)."})
@@ -76,7 +76,7 @@ class DistillationConfig(TrainingArguments):
     teacher_cache_dir: str | None = field(
         default=None, metadata={"help": "Directory of a teacher-output cache (hf-cifd cache-teacher): the teacher never runs."}
     )
-    # --- InDistill / Comparative KD (issue 6) ---
+    # --- InDistill warm-up / Comparative KD ---
     indistill_layers: list[str] | None = field(
         default=None,
         metadata={"help": "InDistill warm-up layer pairs, earliest first: 'teacher.module.path:student.module.path' "
@@ -140,13 +140,19 @@ class DistillationConfig(TrainingArguments):
             raise DistillationInputError(f"every RDM rate weight R must be > 0, got {self.rdm_rates}.")
         if self.rdm_weights is not None and len(self.rdm_weights) != self.num_rdms:
             raise DistillationInputError(f"rdm_weights needs {self.num_rdms} values (one per RDM), got {len(self.rdm_weights)}.")
-        self._check_issue6()
+        self._check_indistill_and_ckd()
         # Distillation batches carry teacher inputs and cache keys that no model signature names.
         self.remove_unused_columns = False
+        # Each process streams its own shards: accelerate's default (rank 0 reads and dispatches slices) does not
+        # split list fields such as sample_key, and makes one process decode everything.
+        if self.accelerator_config is None:
+            self.accelerator_config = {"dispatch_batches": False}
+        elif isinstance(self.accelerator_config, dict):
+            self.accelerator_config.setdefault("dispatch_batches", False)
         super().__post_init__()
 
-    def _check_issue6(self) -> None:
-        """InDistill / Comparative KD fields (issue 6)."""
+    def _check_indistill_and_ckd(self) -> None:
+        """InDistill / Comparative KD fields."""
         from .methods.indistill import curriculum_durations, parse_layer_pairs
 
         if isinstance(self.indistill_layers, str):

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from . import losses
 from .adapters import ModelAdapter
 from .checks import DistillationInputError, check_positive
+from .data.collate import collate as default_collate
 from .modules import RateDistortionModule
 from .teacher import TeacherRunner
 
@@ -39,6 +40,30 @@ class RDMReport:
     steps: int
     teacher_accuracy: float | None = None
     history: list[dict[str, float]] = field(default_factory=list)  # per step: each RDM's total loss
+
+
+class CacheKeysDataset(torch.utils.data.Dataset):
+    """A teacher cache's sample keys as a dataset of ``{"sample_key": key}``: RDMs train from the cache alone, reading
+    no image (with no labels, eq. (5) loses its CE term; the KL to the teacher's logits stays)."""
+
+    def __init__(self, cache, keys: Sequence[str] | None = None):
+        self.keys = list(cache.keys if keys is None else keys)
+        self.cache = cache
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, i: int) -> dict[str, str]:
+        return {"sample_key": self.keys[i]}
+
+    def split(self, fraction: float, seed: int = 0) -> tuple["CacheKeysDataset", "CacheKeysDataset"]:
+        """A seeded (1 - fraction, fraction) split of the keys, e.g. the paper's 95/5 train/validation split."""
+        if not 0.0 < fraction < 1.0:
+            raise DistillationInputError(f"the held-out fraction must be in (0, 1), got {fraction}.")
+        order = torch.randperm(len(self.keys), generator=torch.Generator().manual_seed(seed)).tolist()
+        n_out = max(1, int(round(fraction * len(order))))
+        keys = [self.keys[i] for i in order]
+        return CacheKeysDataset(self.cache, keys[n_out:]), CacheKeysDataset(self.cache, keys[:n_out])
 
 
 class _RDMBank(nn.Module):
@@ -98,14 +123,12 @@ def train_rdms(
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from .trainer import default_collate_fn
-
     check_positive("epochs", epochs) if max_steps is None else check_positive("max_steps", max_steps)
     if teacher is None and teacher_cache is None:
         raise DistillationInputError("train_rdms needs a teacher or a teacher-output cache (teacher_cache=...).")
     accelerator = accelerator or Accelerator()
     set_seed(seed)
-    collate = collate_fn or default_collate_fn
+    collate = collate_fn or default_collate
     if teacher_cache is not None:
         from .data.cache import CachedTeacherCollator, TeacherCache
 
@@ -188,6 +211,7 @@ def evaluate_rdms(rdms, dataset, runner: TeacherRunner, collate, batch_size, acc
     loader = accelerator.prepare(DataLoader(dataset, batch_size=batch_size, collate_fn=collate))
     sums: dict[tuple[str, int], dict[str, float]] = {}
     teacher_correct = count = 0
+    teacher_scored = False
     for mods in rdms.values():
         for rdm in mods:
             rdm.eval()
@@ -198,28 +222,32 @@ def evaluate_rdms(rdms, dataset, runner: TeacherRunner, collate, batch_size, acc
         count += n
         if labels is not None and teacher_out.logits is not None:
             teacher_correct += (teacher_out.logits.argmax(-1) == labels).sum().item()
+            teacher_scored = True
         for m, mods in rdms.items():
             x = teacher_out.embeddings[m].float()
             for i, rdm in enumerate(mods):
                 out = rdm(x)
-                row = sums.setdefault((m, i), {"rate_bits": 0.0, "distortion": 0.0, "correct": 0.0})
+                row = sums.setdefault((m, i), {"rate_bits": 0.0, "distortion": 0.0, "correct": 0.0, "agree": 0.0})
                 row["rate_bits"] += out.rate.sum().item()
                 row["distortion"] += losses.embedding_distortion(out.embedding, x, rdm.distortion).item() * n
                 if out.logits is not None and labels is not None:
                     row["correct"] += (out.logits.argmax(-1) == labels).sum().item()
+                if out.logits is not None and teacher_out.logits is not None:
+                    row["agree"] += (out.logits.argmax(-1) == teacher_out.logits.argmax(-1)).sum().item()
     metrics = []
     for (m, i), row in sums.items():
         rdm = rdms[m][i]
-        has_acc = rdm.head is not None and teacher_out.logits is not None
+        has_head = rdm.head is not None and teacher_out.logits is not None
         metrics.append({
             "modality": m, "index": i, "rate_weight": rdm.rate_weight,
             "rate_bits": row["rate_bits"] / count, "distortion": row["distortion"] / count,
-            "accuracy": 100.0 * row["correct"] / count if has_acc else None,
+            "accuracy": 100.0 * row["correct"] / count if has_head and labels is not None else None,
+            "teacher_agreement": 100.0 * row["agree"] / count if has_head else None,
         })
     for mods in rdms.values():
         for rdm in mods:
             rdm.train()
-    teacher_acc = 100.0 * teacher_correct / count if teacher_correct else None
+    teacher_acc = 100.0 * teacher_correct / count if teacher_scored else None
     return metrics, teacher_acc
 
 
@@ -235,24 +263,32 @@ def save_rdm_report(report: RDMReport, output_dir: str) -> None:
     plot_rd_curve(report.metrics, os.path.join(output_dir, "rd_curve.png"), report.teacher_accuracy)
 
 
+def _y_key(rows: Sequence[Mapping[str, Any]]) -> str:
+    """What the RD plot shows: accuracy (labels), else agreement with the teacher, else distortion."""
+    for key in ("accuracy", "teacher_agreement"):
+        if rows and rows[0].get(key) is not None:
+            return key
+    return "distortion"
+
+
 def plot_rd_curve(metrics: Sequence[Mapping[str, Any]], path: str, teacher_accuracy: float | None = None) -> None:
-    """The paper's Fig. 5: each RDM's accuracy (or distortion, without a head) against its rate."""
+    """The paper's Fig. 5: each RDM's accuracy (or teacher agreement / distortion) against its rate."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
+    y_key = _y_key(metrics)
     for m in sorted({row["modality"] for row in metrics}):
         rows = sorted((r for r in metrics if r["modality"] == m), key=lambda r: r["rate_bits"])
-        y_key = "accuracy" if rows[0]["accuracy"] is not None else "distortion"
-        ax.plot([r["rate_bits"] for r in rows], [r[y_key] for r in rows], "o-", label=f"RDMs ({m})")
+        ax.plot([r["rate_bits"] for r in rows], [r[_y_key(rows)] for r in rows], "o-", label=f"RDMs ({m})")
         for r in rows:
-            ax.annotate(f"R={r['rate_weight']:g}", (r["rate_bits"], r[y_key]), fontsize=7)
-    if teacher_accuracy is not None:
+            ax.annotate(f"R={r['rate_weight']:g}", (r["rate_bits"], r[_y_key(rows)]), fontsize=7)
+    if teacher_accuracy is not None and y_key == "accuracy":
         ax.axhline(teacher_accuracy, color="gray", ls="--", label="teacher")
     ax.set_xlabel("rate (bits / sample)")
-    ax.set_ylabel("accuracy (%)" if metrics and metrics[0]["accuracy"] is not None else "distortion")
+    ax.set_ylabel({"accuracy": "accuracy (%)", "teacher_agreement": "agreement with teacher (%)"}.get(y_key, y_key))
     ax.set_title("RDM rate vs performance")
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -21,12 +21,13 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import default_collate
 from transformers import Trainer
 from transformers.trainer_utils import enable_full_determinism, set_seed
 
 from .adapters import Encoded, ModelAdapter, adapter_for
 from .checks import DistillationInputError
+from .data import collate
+from .data.stats import StreamResumeCallback, StreamTrackingMixin
 from .config import DistillationConfig
 from .methods import StudentOutput, build_method
 from .modules import InformationBottleneck, Projector, RateDistortionModule
@@ -78,14 +79,6 @@ class DistillationModel(nn.Module):
         return StudentOutput(encoded=encoded, matched=matched, ibm_rate=rates, training=self.training)
 
 
-def default_collate_fn(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """torch's default_collate (tensors stacked, strings kept as lists) with ``label`` renamed ``labels``."""
-    batch = default_collate(list(samples))
-    if "label" in batch and "labels" not in batch:
-        batch["labels"] = batch.pop("label")
-    return batch
-
-
 def _first_sample(dataset) -> Mapping[str, Any] | None:
     if dataset is None:
         return None
@@ -97,7 +90,7 @@ def _first_sample(dataset) -> Mapping[str, Any] | None:
         return None
 
 
-class DistillationTrainer(Trainer):
+class DistillationTrainer(StreamTrackingMixin, Trainer):
     """Trainer for knowledge distillation (CIFD, KD, FitNet, RKD, CKD; CLIP methods via the open_clip adapter).
 
     Args:
@@ -141,8 +134,8 @@ class DistillationTrainer(Trainer):
         enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
         self.student_adapter = student_adapter or adapter_for(model)
         self.method = build_method(args, self.student_adapter.task)
-        # --- InDistill / Comparative KD (issue 6): add-on, budget subset, warm-up stage (hf_cifd/methods/ckd.py,
-        # indistill.py); all their input checks run here, before Trainer is built.
+        # Comparative KD add-on, teacher-call budget subset and InDistill warm-up (methods/ckd.py, indistill.py):
+        # all their input checks run here, before Trainer is built.
         from .methods.ckd import TeacherCallBudget, with_ckd_addon
         from .methods.indistill import InDistillStage
 
@@ -183,21 +176,25 @@ class DistillationTrainer(Trainer):
         container = DistillationModel(model, self.student_adapter, ibms, projectors,
                                       self.method.extra_modules(student_dims, teacher_dims))
         if data_collator is None:
-            data_collator = default_collate_fn
+            data_collator = collate
         if self.teacher_cache is not None:
             from .data.cache import CachedTeacherCollator
 
             data_collator = CachedTeacherCollator(self.teacher_cache, data_collator)
-        # CLIP (issue 4): a callable(student) -> {metric: value} run by evaluate(), e.g. hf_cifd.clip_eval.CLIPEvaluator.
+        # A callable(student) -> {metric: value} run by evaluate(), e.g. hf_cifd.clip_eval.CLIPEvaluator (CLIP).
         self.evaluator = evaluator
         if compute_metrics is None and self.student_adapter.task == "classification":
             compute_metrics = accuracy_metrics
+        callbacks = list(kwargs.pop("callbacks", None) or [])
+        if _is_stream(train_dataset) and not any(isinstance(c, StreamResumeCallback) for c in callbacks):
+            # Saves the stream position in each checkpoint and restores it on resume (no repeats, no skips).
+            callbacks.append(StreamResumeCallback(dataset=train_dataset))
         super().__init__(model=container, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                         data_collator=data_collator, compute_metrics=compute_metrics, **kwargs)
+                         data_collator=data_collator, compute_metrics=compute_metrics, callbacks=callbacks, **kwargs)
 
         self.teacher = self._prepare_teacher(teacher) if teacher is not None and self.method.uses_teacher else None
         self.teacher_runner = TeacherRunner(self.teacher, self.teacher_adapter)
-        self._setup_issue6(indistill_teacher)
+        self._setup_budget_and_warmup(indistill_teacher)
         self.rdms = nn.ModuleDict({m: nn.ModuleList(r) for m, r in rdm_map.items()})
         self.rdms.to(self.args.device).eval().requires_grad_(False)
         self._term_sums: dict[str, torch.Tensor] = {}
@@ -298,10 +295,11 @@ class DistillationTrainer(Trainer):
         if teacher is None or not self.method.uses_rdms:
             return {}
         with torch.no_grad():
-            return {m: [rdm(teacher.embeddings[m]) for rdm in mods] for m, mods in self.rdms.items()}
+            # The student loss reads the RDMs' embeddings and logits, never their rates.
+            return {m: [rdm(teacher.embeddings[m], with_rate=False) for rdm in mods] for m, mods in self.rdms.items()}
 
-    # ------------------------------------------------------------------ InDistill / Comparative KD (issue 6)
-    def _setup_issue6(self, indistill_teacher) -> None:
+    # ------------------------------------------------------------------ InDistill warm-up, teacher-call budget
+    def _setup_budget_and_warmup(self, indistill_teacher) -> None:
         if self.ckd_budget is not None:  # the teacher runs once on each budget sample, then never again
             self.teacher_runner.calls += self.ckd_budget.run_teacher(
                 self.teacher, self.teacher_adapter, self.data_collator, self.accelerator,
@@ -328,13 +326,13 @@ class DistillationTrainer(Trainer):
             if self.indistill is not None:
                 self.indistill.close()  # no hook survives train(), even when it fails
 
-    def _issue6_loss(self, model, inputs, return_outputs):
-        """The InDistill warm-up loss while a layer pair is active, or (budget mode) the CE of evaluation batches
-        the teacher may not see; None when the ordinary loss applies."""
+    def _stage_terms(self, model, inputs):
+        """``(terms, student)`` of the InDistill warm-up while a layer pair is active, or (budget mode) the CE of
+        evaluation batches the teacher may not see; ``(None, None)`` when the method's own loss applies."""
         from .methods.ckd import student_only_terms
         from .teacher import cached_teacher_outputs
 
-        terms = None
+        terms = student = None
         if self.indistill is not None and model.training:
             index = self.indistill.active(self.state)
             if index is not None:
@@ -342,21 +340,15 @@ class DistillationTrainer(Trainer):
         if terms is None and self.ckd_budget is not None and cached_teacher_outputs(inputs) is None:
             student = model(**inputs)
             terms = student_only_terms(self.args, student, inputs)
-        if terms is None:
-            return None
-        loss = total_loss(terms)
-        if model.training:
-            self._record(terms)
-        return (loss, student) if return_outputs else loss
+        return terms, student
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        special = self._issue6_loss(model, inputs, return_outputs)
-        if special is not None:
-            return special
-        teacher = self.teacher_outputs(inputs)
-        student = model(**inputs)
-        terms = self.method.loss_terms(student, teacher, self.rdm_outputs(teacher), inputs,
-                                       self.accelerator.unwrap_model(model).extra)
+        terms, student = self._stage_terms(model, inputs)
+        if terms is None:
+            teacher = self.teacher_outputs(inputs)
+            student = model(**inputs)
+            terms = self.method.loss_terms(student, teacher, self.rdm_outputs(teacher), inputs,
+                                           self.accelerator.unwrap_model(model).extra)
         loss = total_loss(terms)
         if model.training:
             self._record(terms)
@@ -435,6 +427,12 @@ class DistillationTrainer(Trainer):
             self.student_adapter.save(student, output_dir)
         if self.args.should_save:
             logger.info("Saved the %s student to %s", self.student_adapter.library, output_dir)
+
+
+def _is_stream(dataset) -> bool:
+    import datasets
+
+    return isinstance(dataset, datasets.IterableDataset)
 
 
 def _dataset_keys(dataset) -> list[str] | None:

@@ -37,6 +37,7 @@ from hf_cifd.adapters.open_clip import create_openclip
 from hf_cifd.clip_eval import CLIPEvaluator
 from hf_cifd.data.collate import collate
 from hf_cifd.data.loading import load_image_dataset
+from hf_cifd.launch import relaunch_for_cpu_processes
 
 logger = logging.getLogger("clip_vitl_to_vits")
 
@@ -120,40 +121,10 @@ def train_dataset(path, data_files, student_pre, student_tok, teacher_pre=None, 
                               shuffle_buffer=shuffle_buffer)
 
 
-def _requested_cpu_processes() -> int:
-    """``accelerate launch --cpu --num_processes N`` starts ONE process (its multi-CPU path needs mpirun): read N from
-    the launcher's command line so that :func:`main` can start the N processes itself (torchrun, gloo)."""
-    if os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("true", "1") or "WORLD_SIZE" in os.environ:
-        return 1
-    try:
-        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
-            parent = f.read().decode(errors="replace").split("\0")
-    except OSError:
-        return 1
-    if "launch" not in parent or "--num_processes" not in parent:
-        return 1
-    try:
-        return int(parent[parent.index("--num_processes") + 1])
-    except (IndexError, ValueError):
-        return 1
-
-
-def _relaunch(n: int) -> int:
-    import socket
-    import subprocess
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", f"--master_port={port}",
-           os.path.abspath(__file__), *sys.argv[1:]]
-    return subprocess.call(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"})
-
-
 def main():
-    n = _requested_cpu_processes()
-    if n > 1:
-        sys.exit(_relaunch(n))
+    code = relaunch_for_cpu_processes()  # `accelerate launch --cpu --num_processes N` starts one process
+    if code is not None:
+        sys.exit(code)
     args, config = parse()
     # Each process streams its own shards (CC12M has thousands) instead of rank 0 decoding for everyone.
     config.accelerator_config.dispatch_batches = False

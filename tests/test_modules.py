@@ -143,3 +143,16 @@ def test_bad_input_errors():
         RateDistortionModule(8, hidden_dims=(8, 8), bottleneck_after=3)
     with pytest.raises(DistillationInputError, match="IBM input"):
         InformationBottleneck(6, 10)(torch.randn(2, 7))
+
+
+def test_rdm_without_rate_gives_the_same_reconstruction_in_eval_mode():
+    torch.manual_seed(0)
+    rdm = RateDistortionModule(10, hidden_dims=(16, 8, 16), num_classes=3).eval()
+    x = torch.randn(6, 10)
+    full, fast = rdm(x), rdm(x, with_rate=False)
+    assert fast.rate is None
+    for name in ("embedding", "latent", "logits"):
+        torch.testing.assert_close(getattr(fast, name), getattr(full, name), rtol=0, atol=0)
+    rdm.train()
+    noisy = rdm(x, with_rate=False).latent
+    assert 0 < (noisy - rdm.encoder(x)).abs().max() <= 0.5

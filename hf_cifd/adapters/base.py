@@ -42,9 +42,18 @@ class ModelAdapter:
     task: str = "classification"
     modalities: tuple[str, ...] = ("image",)
     library: str = "torch"
+    spec_prefix: str | None = None  # "<prefix>:<name>" model specs this adapter's ``load`` creates (hf_cifd.pipeline)
 
     @staticmethod
     def matches(model: nn.Module) -> bool:
+        raise NotImplementedError
+
+    @staticmethod
+    def load(name: str, pretrained: bool = False, num_classes: int | None = None, *,
+             image_size: int | None = None) -> nn.Module:
+        """Creates a classifier of this library: ``name`` as the library spells it, ``pretrained`` weights or random
+        init, a head of ``num_classes`` classes, ``image_size`` overriding the model's input resolution (and hence
+        its transforms) where the library allows it."""
         raise NotImplementedError
 
     def embedding_dims(self, model: nn.Module) -> dict[str, int]:

@@ -20,6 +20,26 @@ class PlainAdapter(ModelAdapter):
     """The fallback of :func:`adapter_for` when no library adapter matches."""
 
     library = "torch"
+    spec_prefix = "cnn"
+
+    @staticmethod
+    def load(name, pretrained=False, num_classes=None, *, image_size=None):
+        """The paper's simple CNNs (:class:`hf_cifd.models.SimpleCNN`): a Table 8 name ("cnn10", "cnn2", ...;
+        random init) or a directory / Hub repo written by ``save_pretrained`` (a trained model)."""
+        from ..checks import DistillationInputError
+        from ..models import TABLE8, SimpleCNN
+
+        if name in TABLE8:
+            if pretrained:
+                raise DistillationInputError(
+                    f"there are no published weights for the Table 8 CNN {name!r}: give the directory of a trained one "
+                    "(cnn:/path/to/model, written by save_pretrained) or train it first (pretrained=False).")
+            kwargs = {} if image_size is None else {"input_size": image_size}
+            return SimpleCNN.from_table8(name, num_classes=100 if num_classes is None else num_classes, **kwargs)
+        model = SimpleCNN.from_pretrained(name)
+        if num_classes is not None and model.num_classes != num_classes:
+            raise DistillationInputError(f"{name} predicts {model.num_classes} classes, not num_classes={num_classes}.")
+        return model
 
     @staticmethod
     def matches(model: nn.Module) -> bool:
@@ -77,8 +97,12 @@ class PlainAdapter(ModelAdapter):
         return T.Compose([*steps, T.ToTensor(), T.Normalize(mean, std)])
 
     def save(self, model, output_dir):
+        from huggingface_hub import PyTorchModelHubMixin
         from safetensors.torch import save_model
 
+        if isinstance(model, PyTorchModelHubMixin):  # e.g. SimpleCNN: config.json of init args, Cls.from_pretrained(dir)
+            model.save_pretrained(output_dir)
+            return
         os.makedirs(output_dir, exist_ok=True)
         save_model(model, os.path.join(output_dir, "model.safetensors"))
         with open(os.path.join(output_dir, "config.json"), "w") as f:

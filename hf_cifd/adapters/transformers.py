@@ -10,6 +10,21 @@ from .base import Encoded, ModelAdapter, register_adapter
 @register_adapter
 class TransformersAdapter(ModelAdapter):
     library = "transformers"
+    spec_prefix = "hf"
+
+    @staticmethod
+    def load(name, pretrained=False, num_classes=None, *, image_size=None):
+        """``AutoModelForImageClassification`` from a Hub id or directory: its weights (``pretrained``; a new head
+        when ``num_classes`` differs) or its config with random init. ``image_size`` sets ``config.image_size``
+        (models that have one, e.g. ViT)."""
+        from transformers import AutoConfig, AutoModelForImageClassification
+
+        kwargs = {} if num_classes is None else {"num_labels": num_classes}
+        if image_size:
+            kwargs["image_size"] = image_size
+        if pretrained:
+            return AutoModelForImageClassification.from_pretrained(name, ignore_mismatched_sizes=True, **kwargs)
+        return AutoModelForImageClassification.from_config(AutoConfig.from_pretrained(name, **kwargs))
 
     @staticmethod
     def matches(model: nn.Module) -> bool:

@@ -62,6 +62,8 @@ def collate(samples: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
                     "carry the same keys."
                 ) from None
             batch[key] = _stack(key, values)
+    if "label" in batch and "labels" not in batch:  # HF datasets' usual column name; the batch contract's is labels
+        batch["labels"] = batch.pop("label")
     if stream_state:
         batch[STREAM_STATE_KEY] = stream_state
     return batch

@@ -32,8 +32,17 @@ class EntropyBottleneck1d(nn.Module):
         self.channels = channels
         self.entropy_bottleneck = EntropyBottleneck(channels, filters=filters, init_scale=init_scale)
 
-    def forward(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns ``(y_hat, bits)``: the noisy / quantised values and the rate in bits per sample."""
+    def forward(self, y: torch.Tensor, with_rate: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns ``(y_hat, bits)``: the noisy / quantised values and the rate in bits per sample.
+
+        ``with_rate=False`` skips the density evaluation (most of the cost) and returns ``(y_hat, None)``: what a
+        frozen RDM needs while a student trains.
+        """
+        if not with_rate:
+            eb = self.entropy_bottleneck
+            medians = eb._get_medians()[:, 0, 0]
+            y_hat = y + torch.empty_like(y).uniform_(-0.5, 0.5) if self.training else torch.round(y - medians) + medians
+            return y_hat, None
         y_hat, likelihoods = self.entropy_bottleneck(y.unsqueeze(-1))
         bits = -torch.log2(likelihoods).sum(dim=(1, 2))
         return y_hat.squeeze(-1), bits

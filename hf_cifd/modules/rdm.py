@@ -22,7 +22,7 @@ from .bottleneck import EntropyBottleneck1d
 @dataclass
 class RDMOutput:
     embedding: torch.Tensor  # reconstruction X^, (N, embed_dim)
-    rate: torch.Tensor  # bits per sample, (N,)
+    rate: torch.Tensor | None  # bits per sample, (N,); None when forward(..., with_rate=False)
     latent: torch.Tensor  # noisy / quantised code Y^, (N, bottleneck_dim)
     logits: torch.Tensor | None = None  # (N, num_classes) when the RDM has a head
 
@@ -95,13 +95,14 @@ class RateDistortionModule(
     def bottleneck_dim(self) -> int:
         return self.bottleneck.channels
 
-    def forward(self, x: torch.Tensor) -> RDMOutput:
+    def forward(self, x: torch.Tensor, with_rate: bool = True) -> RDMOutput:
+        """``with_rate=False`` skips the entropy model's density (the rate), which only the RDM's own loss needs."""
         check_width(
             "RDM input (teacher embedding)", x, self.embed_dim,
             hint=f"This RDM was trained for a teacher embedding of width {self.embed_dim}; train RDMs for this teacher.",
         )
         check_finite("RDM input (teacher embedding)", x)
-        y_hat, rate = self.bottleneck(self.encoder(x))
+        y_hat, rate = self.bottleneck(self.encoder(x), with_rate=with_rate)
         x_hat = self.decoder(y_hat)
         logits = self.head(x_hat) if self.head is not None else None
         return RDMOutput(embedding=x_hat, rate=rate, latent=y_hat, logits=logits)

@@ -1,0 +1,137 @@
+"""Acceptance 4: each classification recipe's ``--smoke`` run passes under ``accelerate launch --num_processes 2 --cpu``
+(two real processes, via :mod:`hf_cifd.launch`), writes eval_results.json, and exports a student its own library loads.
+
+Plus fast checks of the launcher's command-line reading and of the pipeline's model specs / flag defaults.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+# The student loaded by its own library in a fresh interpreter, without hf_cifd.
+TIMM_LOAD = """
+import sys, torch, timm
+model = timm.create_model("local-dir:{student}").eval()
+assert not any(m == "hf_cifd" or m.startswith("hf_cifd.") for m in sys.modules), "hf_cifd was imported"
+size = model.pretrained_cfg["input_size"][-1]
+with torch.no_grad():
+    logits = model(torch.randn(2, 3, size, size))
+assert tuple(logits.shape) == (2, {num_classes}), logits.shape
+print("ok", size)
+"""
+# SimpleCNN is hf_cifd's own model class: its library IS hf_cifd (PyTorchModelHubMixin.from_pretrained).
+CNN_LOAD = """
+import torch
+from hf_cifd.models import SimpleCNN
+model = SimpleCNN.from_pretrained("{student}").eval()
+with torch.no_grad():
+    embedding, logits = model(torch.randn(2, 3, 32, 32))
+assert tuple(logits.shape) == (2, {num_classes}) and model.embed_dim == 256, logits.shape
+print("ok")
+"""
+
+RECIPES = {
+    "imagenet_r34_to_r18": TIMM_LOAD,
+    "imagenet_r50_to_mbv1": TIMM_LOAD,
+    "cifar100_cnn10_to_cnn2": CNN_LOAD,
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_recipe_smoke_two_processes(recipe, tmp_path):
+    out = tmp_path / "out"
+    start = time.time()
+    res = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+                          f"recipes/{recipe}.py", "--smoke", "--output_dir", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
+    elapsed = time.time() - start
+    assert res.returncode == 0, res.stderr[-5000:]
+    results = json.loads((out / "eval_results.json").read_text())
+    assert 0.0 <= results["eval_accuracy"] <= 100.0
+    assert results["num_processes"] == 2, results  # two real processes, not accelerate's single --cpu process
+    assert results["method"] == "cifd"
+    assert results["teacher_calls"] > 0 and results["teacher_calls_cache"] == 192  # the cache pass: once per sample
+    assert results["rdm_teacher_calls"] == 0  # RDMs trained from the cache alone
+    assert len(results["rdm_metrics"]) == 3
+    for row in results["rdm_metrics"]:
+        assert row["rate_bits"] >= 0 and row["distortion"] >= 0 and row["accuracy"] is not None
+    for i in range(3):
+        assert (out / "rdms" / f"rdm-image-{i}" / "model.safetensors").exists()
+    assert results["global_steps"] == 6
+    print(f"{recipe} smoke: {elapsed:.0f}s (in-run {results['wall_time_s']}s), stages {results['stage_seconds']}")
+
+    script = RECIPES[recipe].format(student=out / "student", num_classes=24)
+    check = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                           cwd=str(tmp_path), env=ENV)
+    assert check.returncode == 0, check.stderr[-3000:]
+    assert check.stdout.strip().splitlines()[-1].startswith("ok"), check.stdout
+
+
+# ------------------------------------------------------------------------------------------------ fast checks
+def test_launch_reads_accelerate_command_lines(monkeypatch, tmp_path):
+    from hf_cifd import launch
+
+    script = str(tmp_path / "train.py")
+    open(script, "w").close()
+    forms = {
+        ("/venv/bin/python", "/venv/bin/accelerate", "launch", "--num_processes", "2", "--cpu", script, "--smoke"): 2,
+        ("python", "-m", "accelerate.commands.launch", "--num_processes=3", "--cpu", script): 3,
+        ("python", "-m", "accelerate.commands.accelerate_cli", "launch", "--cpu", "--num_processes", "2", script): 2,
+        ("/venv/bin/accelerate", "launch", "--cpu", script, "--num_processes", "4"): 1,  # the script's own flag
+        ("/venv/bin/accelerate", "launch", "--num_processes", "2", "--cpu", str(tmp_path / "other.py")): 1,
+        ("python", "train.py"): 1,
+    }
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    for parent, expected in forms.items():
+        monkeypatch.setattr(launch, "_parent_cmdline", lambda p=parent: list(p))
+        assert launch.requested_cpu_processes(script) == expected, parent
+    monkeypatch.setattr(launch, "_parent_cmdline", lambda: ["accelerate", "launch", "--num_processes", "2", script])
+    monkeypatch.setenv("WORLD_SIZE", "2")  # already one of several processes: never relaunch
+    assert launch.requested_cpu_processes(script) == 1
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.delenv("ACCELERATE_USE_CPU")  # not accelerate's CPU simple launcher
+    assert launch.requested_cpu_processes(script) == 1
+    assert launch.relaunch_for_cpu_processes() is None
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    monkeypatch.setattr(launch, "_parent_cmdline", lambda: None)  # no /proc: run as is
+    assert launch.requested_cpu_processes(script) == 1
+
+
+def test_load_model_specs_and_recipe_flags(tmp_path):
+    from hf_cifd import DistillationInputError
+    from hf_cifd.adapters import adapter_for
+    from hf_cifd.models import SimpleCNN
+    from hf_cifd.pipeline import load_model, parse_recipe_args
+
+    timm_model = load_model("timm:resnet18", num_classes=7, image_size=32)
+    assert adapter_for(timm_model).library == "timm" and timm_model.num_classes == 7
+    assert timm_model.pretrained_cfg["input_size"] == (3, 32, 32)
+    cnn = load_model("cnn:cnn2", num_classes=5)
+    assert isinstance(cnn, SimpleCNN) and cnn.num_classes == 5
+    adapter_for(cnn).save(cnn, str(tmp_path / "cnn"))
+    assert load_model(f"cnn:{tmp_path / 'cnn'}", num_classes=5).embed_dim == 256  # a trained directory
+    for bad in ("resnet18", "torch:resnet18", "timm:"):
+        with pytest.raises(DistillationInputError, match="model spec"):
+            load_model(bad)
+    with pytest.raises(DistillationInputError, match="no published weights"):
+        load_model("cnn:cnn10", pretrained=True)
+
+    defaults = {"--learning_rate": "2.0", "--rdm_rates": ["1e4", "5e3", "1e3"], "--num_train_epochs": "88"}
+    args, config = parse_recipe_args(defaults, {"--teacher": "timm:resnet34"},
+                                     ["--output_dir", str(tmp_path / "o"), "--learning_rate=0.5"])
+    assert config.learning_rate == 0.5 and config.rdm_rates == [1e4, 5e3, 1e3] and not args.smoke  # explicit wins
+    args, config = parse_recipe_args(defaults, {"--teacher": "timm:resnet34"},
+                                     ["--smoke", "--output_dir", str(tmp_path / "o"), "--max_steps", "2"])
+    assert args.smoke and args.teacher == "timm:resnet34" and args.image_size == 32 and not args.teacher_pretrained
+    assert config.max_steps == 2 and config.per_device_train_batch_size == 8 and config.use_cpu
