@@ -174,16 +174,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None):
+def main(argv=None) -> int:
+    """The console entry point; returns the process exit code (0 on success, errors raise)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "distill":
         # Every DistillationConfig (TrainingArguments) and RecipeArguments flag, parsed by HfArgumentParser.
         from .pipeline import main as distill_main
 
-        return distill_main(argv[1:])
+        distill_main(argv[1:])
+        return 0
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    args.run(args)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

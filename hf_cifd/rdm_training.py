@@ -43,18 +43,21 @@ class RDMReport:
 
 
 class CacheKeysDataset(torch.utils.data.Dataset):
-    """A teacher cache's sample keys as a dataset of ``{"sample_key": key}``: RDMs train from the cache alone, reading
-    no image (with no labels, eq. (5) loses its CE term; the KL to the teacher's logits stays)."""
+    """A teacher cache's sample keys (+ labels when known) as a dataset of ``{"sample_key", "labels"}`` rows: RDMs
+    train from the cache alone and read no image. Without labels, eq. (5) loses its CE term (the KL to the teacher's
+    logits stays)."""
 
-    def __init__(self, cache, keys: Sequence[str] | None = None):
-        self.keys = list(cache.keys if keys is None else keys)
-        self.cache = cache
+    def __init__(self, cache, keys: Sequence[str] | None = None, labels: Mapping[str, int] | None = None):
+        self.cache, self.labels = cache, labels
+        self.keys = list(keys if keys is not None else (sorted(labels) if labels is not None else cache.keys))
+        cache.check_covers(self.keys)
 
     def __len__(self) -> int:
         return len(self.keys)
 
-    def __getitem__(self, i: int) -> dict[str, str]:
-        return {"sample_key": self.keys[i]}
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        key = self.keys[int(i)]
+        return {"sample_key": key} if self.labels is None else {"sample_key": key, "labels": int(self.labels[key])}
 
     def split(self, fraction: float, seed: int = 0) -> tuple["CacheKeysDataset", "CacheKeysDataset"]:
         """A seeded (1 - fraction, fraction) split of the keys, e.g. the paper's 95/5 train/validation split."""
@@ -63,7 +66,8 @@ class CacheKeysDataset(torch.utils.data.Dataset):
         order = torch.randperm(len(self.keys), generator=torch.Generator().manual_seed(seed)).tolist()
         n_out = max(1, int(round(fraction * len(order))))
         keys = [self.keys[i] for i in order]
-        return CacheKeysDataset(self.cache, keys[n_out:]), CacheKeysDataset(self.cache, keys[:n_out])
+        return (CacheKeysDataset(self.cache, keys[n_out:], self.labels),
+                CacheKeysDataset(self.cache, keys[:n_out], self.labels))
 
 
 class _RDMBank(nn.Module):

@@ -299,8 +299,8 @@ def test_sequential_activation_uses_the_preceding_conv_as_producer():
     teacher, student = teacher_model(), student_model()
     stage = InDistillStage(teacher, student, parse_layer_pairs(demo_indistill_layers("digits")), [3.0])
     r = stage.resolved[0]  # features.1 is the ReLU after features.0 = Conv2d(1, 32)
-    assert r.producer is teacher.features[0] and (r.teacher_width, r.student_width) == (32, 4)
-    assert r.indices.tolist() == select_channels(teacher.features[0], 4).tolist()
+    assert r.producer is teacher.features[0] and (r.teacher_width, r.student_width) == (32, 2)
+    assert r.indices.tolist() == select_channels(teacher.features[0], 2).tolist()
 
 
 # ------------------------------------------------------------------------------------------------ bad input

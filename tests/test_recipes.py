@@ -20,7 +20,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 # The student loaded by its own library in a fresh interpreter, without hf_cifd.
 TIMM_LOAD = """
 import sys, torch, timm
-model = timm.create_model("local-dir:{student}").eval()
+model = timm.create_model("local-dir:{student}", pretrained=True).eval()
 assert not any(m == "hf_cifd" or m.startswith("hf_cifd.") for m in sys.modules), "hf_cifd was imported"
 size = model.pretrained_cfg["input_size"][-1]
 with torch.no_grad():

@@ -53,5 +53,5 @@ class TimmAdapter(ModelAdapter):
         from timm.models import save_for_hf
 
         # config.json (architecture, num_classes, pretrained_cfg) + model.safetensors: timm's Hub format,
-        # loadable with timm.create_model("local-dir:<dir>") or "hf-hub:<repo>" after upload.
+        # loadable with timm.create_model("local-dir:<dir>", pretrained=True) or "hf-hub:<repo>" after upload.
         save_for_hf(model, output_dir, safe_serialization=True)
