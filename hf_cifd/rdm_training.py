@@ -25,7 +25,7 @@ from .adapters import ModelAdapter
 from .checks import DistillationInputError, check_positive
 from .data.collate import collate as default_collate
 from .modules import RateDistortionModule
-from .teacher import TeacherRunner
+from .teacher import TeacherRunner, embedding_fields
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ def train_rdms(
 
         cache = TeacherCache(teacher_cache) if isinstance(teacher_cache, (str, os.PathLike)) else teacher_cache
         collate = CachedTeacherCollator(cache, collate)
-        widths = {k[len("teacher_"):-len("_embedding")]: w for k, w in cache.fields.items() if k.endswith("_embedding")}
+        widths = embedding_fields(cache.fields)
         num_classes = cache.fields.get("teacher_logits")
     runner = TeacherRunner(accelerator.prepare_model(teacher.eval().requires_grad_(False), evaluation_mode=True)
                            if teacher is not None else None, teacher_adapter)

@@ -14,9 +14,15 @@ from .checks import DistillationInputError
 _PREFIX, _SUFFIX = "teacher_", "_embedding"
 
 
+def embedding_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"teacher_image_embedding": v, "teacher_logits": w}`` -> ``{"image": v}``: the per-modality embedding entries
+    of a batch or of a cache's field widths."""
+    return {k[len(_PREFIX):-len(_SUFFIX)]: v for k, v in fields.items() if k.startswith(_PREFIX) and k.endswith(_SUFFIX)}
+
+
 def cached_teacher_outputs(batch: Mapping[str, Any]) -> Encoded | None:
     """The ``teacher_<m>_embedding`` / ``teacher_logits`` fields a teacher-output cache put in the batch."""
-    embeddings = {k[len(_PREFIX):-len(_SUFFIX)]: v for k, v in batch.items() if k.startswith(_PREFIX) and k.endswith(_SUFFIX)}
+    embeddings = embedding_fields(batch)
     if not embeddings:
         return None
     return Encoded(embeddings=embeddings, logits=batch.get("teacher_logits"), logit_scale=batch.get("teacher_logit_scale"))

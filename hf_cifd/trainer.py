@@ -32,7 +32,7 @@ from .config import DistillationConfig
 from .methods import StudentOutput, build_method
 from .modules import InformationBottleneck, Projector, RateDistortionModule
 from .losses import total_loss
-from .teacher import TeacherRunner
+from .teacher import TeacherRunner, embedding_fields
 
 logger = logging.getLogger(__name__)
 
@@ -213,8 +213,7 @@ class DistillationTrainer(StreamTrackingMixin, Trainer):
         if teacher is not None:
             return self.teacher_adapter.embedding_dims(teacher)
         if self.teacher_cache is not None:
-            return {name[len("teacher_"):-len("_embedding")]: width for name, width in self.teacher_cache.fields.items()
-                    if name.startswith("teacher_") and name.endswith("_embedding")}
+            return embedding_fields(self.teacher_cache.fields)
         return {}
 
     def _check_inputs(self, args, student, teacher, rdms, teacher_dims, train_dataset) -> dict[str, list]:

@@ -40,6 +40,9 @@ class InformationBottleneck(nn.Module):
         targets = {"teacher": target_dims} if isinstance(target_dims, int) else dict(target_dims)
         self.dim = dim
         self.density = EntropyBottleneck1d(dim)
+        # The IBM never quantises (eval is the identity): the medians / quantiles are unused, so freeze them rather
+        # than leave DDP a parameter that never gets a gradient.
+        self.density.entropy_bottleneck.quantiles.requires_grad_(False)
         self.decoders = nn.ModuleDict({name: Projector(dim, d, decoder_layers) for name, d in targets.items()})
 
     def forward(self, w: torch.Tensor) -> IBMOutput:
