@@ -102,8 +102,8 @@ def _method_setup(method, seed, epochs, output_dir, teacher, cache_dir, rdm_repo
     return kwargs
 
 
-def run_demo(output_dir: str = "outputs/demo", methods=("student", "kd", "cifd"), seeds=(0, 1, 2, 3, 4),
-             teacher_epochs: int = 15, student_epochs: int = 40, rdm_rates=(1e4, 5e3, 1e3), rdm_epochs: int = 30,
+def run_demo(output_dir: str = "outputs/demo", methods=("student", "kd", "cifd"), seeds=(0, 1, 2),
+             teacher_epochs: int = 15, student_epochs: int = 30, rdm_rates=(1e4, 5e3, 1e3), rdm_epochs: int = 30,
              embedding_weights=(1.0, 10.0, 100.0),
              progress: Callable[[str], None] = print) -> dict[str, Any]:
     from transformers.utils import logging as hf_logging
@@ -212,8 +212,8 @@ def main(argv=None) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output_dir", default="outputs/demo")
     parser.add_argument("--methods", default="student,kd,cifd", help="comma-separated, e.g. student,kd,fitnet,rkd,cifd,ckd")
-    parser.add_argument("--seeds", type=int, default=5, help="number of seeds per method (0..n-1)")
-    parser.add_argument("--student_epochs", type=int, default=40)
+    parser.add_argument("--seeds", type=int, default=3, help="number of seeds per method (0..n-1)")
+    parser.add_argument("--student_epochs", type=int, default=30)
     parser.add_argument("--no_tuning", action="store_true",
                         help="use the paper's embedding-loss weight (100) instead of choosing it on a validation split")
 

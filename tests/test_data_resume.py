@@ -1,4 +1,4 @@
-"""Acceptance 2: a streaming plain-Trainer run (2 DataLoader workers, shuffle buffer) is SIGKILLed after k steps and
+"""Acceptance 2: a streaming DistillationTrainer run (2 DataLoader workers, shuffle buffer) is SIGKILLed after k steps and
 resumed from its last checkpoint: the steps before the checkpoint plus the resumed steps are exactly the batches of an
 uninterrupted run (same keys, same order, no repeats, nothing skipped), across the epoch boundary."""
 

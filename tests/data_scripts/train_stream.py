@@ -1,5 +1,6 @@
-"""A streaming plain-`transformers.Trainer` run on local webdataset shards that logs, per optimizer step, the sample
-keys it trained on (fsynced), so that a test can SIGKILL it and check the resumed run.
+"""A streaming `DistillationTrainer` run (method "student") on local webdataset shards that logs, per optimizer step,
+the sample keys it trained on (fsynced), so that a test can SIGKILL it and check the resumed run. The trainer adds
+the StreamResumeCallback itself for a streamed dataset.
 
 python train_stream.py WDS_DIR OUT_DIR KEYLOG [--sleep S] [--resume] [--max-steps N]
 """
@@ -20,10 +21,11 @@ from torch import nn  # noqa: E402
 
 torch.set_num_threads(1)
 
-from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
 
 from data_scripts.fixtures import dump, tensor_transform  # noqa: E402
-from hf_cifd.data import StreamResumeCallback, StreamTrackingMixin, collate, load_image_dataset  # noqa: E402
+from hf_cifd import DistillationConfig, DistillationTrainer  # noqa: E402
+from hf_cifd.data import StreamResumeCallback, load_image_dataset  # noqa: E402
 
 SHUFFLE_BUFFER, SEED, BATCH, WORKERS = 8, 1, 4, 2
 
@@ -36,18 +38,26 @@ def build_dataset(wds_dir):
 
 
 class TinyModel(nn.Module):
+    """Returns (embedding, logits); ``pending`` collects the keys of the batches the trainer fed it."""
+
     def __init__(self, sleep=0.0):
         super().__init__()
-        self.lin = nn.Linear(3 * 8 * 8, 5)
+        self.embed = nn.Linear(3 * 8 * 8, 6)
+        self.head = nn.Linear(6, 5)
         self.sleep = sleep
         self.pending = []
 
-    def forward(self, pixel_values, labels=None, sample_key=None, **kwargs):
-        self.pending.extend(sample_key)
+    def forward(self, pixel_values):
         if self.sleep:
             time.sleep(self.sleep)
-        logits = self.lin(pixel_values.flatten(1))
-        return {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
+        embedding = self.embed(pixel_values.flatten(1))
+        return embedding, self.head(embedding)
+
+
+def record_keys(model):
+    def hook(module, args, kwargs):  # the container gets the whole batch, keys included
+        model.pending.extend(kwargs["sample_key"])
+    return hook
 
 
 class KeyLogger(TrainerCallback):
@@ -68,10 +78,6 @@ class KeyLogger(TrainerCallback):
             f.write(line + "\n")
 
 
-class StreamTrainer(StreamTrackingMixin, Trainer):
-    pass
-
-
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("wds_dir")
@@ -83,15 +89,14 @@ def main():
     a = p.parse_args()
     torch.manual_seed(0)
     model = TinyModel(a.sleep)
-    stream_cb = StreamResumeCallback()
-    args = TrainingArguments(
-        output_dir=a.out_dir, max_steps=a.max_steps, per_device_train_batch_size=BATCH, learning_rate=0.1,
-        save_strategy="steps", save_steps=2, logging_steps=1000, report_to=[], use_cpu=True, disable_tqdm=True,
-        dataloader_num_workers=WORKERS, remove_unused_columns=False, seed=0,
-        accelerator_config={"dispatch_batches": False},
+    args = DistillationConfig(
+        output_dir=a.out_dir, method="student", max_steps=a.max_steps, per_device_train_batch_size=BATCH,
+        learning_rate=0.1, save_strategy="steps", save_steps=2, logging_steps=1000, report_to=[], use_cpu=True,
+        disable_tqdm=True, dataloader_num_workers=WORKERS, seed=0,
     )
-    trainer = StreamTrainer(model=model, args=args, train_dataset=build_dataset(a.wds_dir), data_collator=collate,
-                            callbacks=[stream_cb])
+    trainer = DistillationTrainer(model=model, args=args, train_dataset=build_dataset(a.wds_dir))
+    (stream_cb,) = [c for c in trainer.callback_handler.callbacks if isinstance(c, StreamResumeCallback)]
+    trainer.model.register_forward_pre_hook(record_keys(model), with_kwargs=True)
     trainer.add_callback(KeyLogger(model, a.keylog, stream_cb))
     trainer.train(resume_from_checkpoint=True if a.resume else None)
     dump(os.path.join(a.out_dir, "final_stream_state.json"), stream_cb.tracker.state_dict())
