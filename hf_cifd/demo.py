@@ -1,7 +1,7 @@
 """`make demo` / `hf-cifd demo`: the whole CIFD pipeline, offline, on real images in ~2 minutes on 2 CPU cores.
 
 scikit-learn's 8x8 handwritten digits (1,797 real images shipped inside the wheel), a stratified 70/30
-train/test split. A 4-layer CNN teacher (~300k parameters) is trained, its outputs cached once, RDMs trained
+train/test split. A 4-layer CNN teacher (620k parameters) is trained, its outputs cached once, RDMs trained
 from the cache at the paper's ImageNet rates, then a far smaller student (one conv layer with 4 filters and an
 8-wide embedding: 650 parameters) is trained with each method under the same budget and seeds. Every method
 uses DistillationConfig's defaults (the paper's settings), except CIFD's embedding-loss weight, which is chosen

@@ -299,8 +299,9 @@ def test_sequential_activation_uses_the_preceding_conv_as_producer():
     teacher, student = teacher_model(), student_model()
     stage = InDistillStage(teacher, student, parse_layer_pairs(demo_indistill_layers("digits")), [3.0])
     r = stage.resolved[0]  # features.1 is the ReLU after features.0 = Conv2d(1, 32)
-    assert r.producer is teacher.features[0] and (r.teacher_width, r.student_width) == (32, 2)
-    assert r.indices.tolist() == select_channels(teacher.features[0], 2).tolist()
+    k = student.features[0].out_channels  # the demo student's first conv width
+    assert r.producer is teacher.features[0] and (r.teacher_width, r.student_width) == (32, k)
+    assert r.indices.tolist() == select_channels(teacher.features[0], k).tolist()
 
 
 # ------------------------------------------------------------------------------------------------ bad input
