@@ -24,10 +24,16 @@ def _args(tmp_path, **kw):
     return DistillationConfig(**{**base, **kw})
 
 
-def _run_isolated(code: str) -> dict:
+def _logits_in_own_library(tmp_path, load: str, call: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, y)``: a fixed input x, and ``y = <call>`` computed on it by ``m = <load>`` in a fresh interpreter that never
+    imports hf_cifd."""
+    x = torch.randn(2, 3, 32, 32)
+    torch.save(x, tmp_path / "x.pt")
+    code = (f"import json, sys, torch\nm = {load}.eval()\nx = torch.load('{tmp_path / 'x.pt'}')\n"
+            f"with torch.no_grad(): y = {call}\n{_NO_HF_CIFD}\nprint(json.dumps(y.tolist()))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return x, torch.tensor(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
 def test_timm_student_exports_to_timm_with_identical_logits(tmp_path):
@@ -38,19 +44,11 @@ def test_timm_student_exports_to_timm_with_identical_logits(tmp_path):
     trainer = DistillationTrainer(model=student, teacher=teacher, args=_args(tmp_path, method="kd"), train_dataset=ds)
     trainer.train()
     trainer.save_model(str(tmp_path / "student"))
-    x = torch.randn(2, 3, 32, 32)
-    torch.save(x, tmp_path / "x.pt")
-    student.eval()
+    x, got = _logits_in_own_library(
+        tmp_path, f"__import__('timm').create_model('local-dir:{tmp_path / 'student'}', pretrained=True)", "m(x)")
     with torch.no_grad():
-        expected = student(x)
-    got = _run_isolated(
-        "import json, sys, torch, timm\n"
-        f"m = timm.create_model('local-dir:{tmp_path / 'student'}', pretrained=True).eval()\n"
-        f"x = torch.load('{tmp_path / 'x.pt'}')\n"
-        "with torch.no_grad(): y = m(x)\n"
-        f"{_NO_HF_CIFD}\n"
-        "print(json.dumps(y.tolist()))\n")
-    torch.testing.assert_close(torch.tensor(got), expected, rtol=1e-5, atol=1e-5)
+        expected = student.eval()(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     # The container's loss modules are not part of the export.
     from safetensors.torch import load_file
 
@@ -71,20 +69,12 @@ def test_transformers_student_exports_with_from_pretrained_and_identical_logits(
     assert "image" in trainer.model.ibms
     trainer.train()
     trainer.save_model(str(tmp_path / "student"))
-    x = torch.randn(2, 3, 32, 32)
-    torch.save(x, tmp_path / "x.pt")
-    student.eval()
+    x, got = _logits_in_own_library(
+        tmp_path, f"__import__('transformers').AutoModelForImageClassification.from_pretrained('{tmp_path / 'student'}')",
+        "m(pixel_values=x).logits")
     with torch.no_grad():
-        expected = student(pixel_values=x).logits
-    got = _run_isolated(
-        "import json, sys, torch\n"
-        "from transformers import AutoModelForImageClassification\n"
-        f"m = AutoModelForImageClassification.from_pretrained('{tmp_path / 'student'}').eval()\n"
-        f"x = torch.load('{tmp_path / 'x.pt'}')\n"
-        "with torch.no_grad(): y = m(pixel_values=x).logits\n"
-        f"{_NO_HF_CIFD}\n"
-        "print(json.dumps(y.tolist()))\n")
-    torch.testing.assert_close(torch.tensor(got), expected, rtol=1e-5, atol=1e-5)
+        expected = student.eval()(pixel_values=x).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("method, extra", [("kd", {}), ("cifd", {"num_rdms": 0, "use_ibm": False})])
