@@ -65,6 +65,15 @@ def _topk_result(ranks: torch.Tensor, topk: tuple[int, ...], n_classes: int) -> 
     return {f"zeroshot_top{k}": v for k, v in recall_percent(ranks, topk).items()}
 
 
+def _check_samples(name: str, n: int, labels: torch.Tensor, metric: str) -> None:
+    if n != labels.numel():
+        raise DistillationInputError(
+            f"{name} has {n} samples but labels has {labels.numel()}; they must describe the same samples."
+        )
+    if n == 0:
+        raise DistillationInputError(f"{metric} of an empty evaluation set is undefined; got 0 samples.")
+
+
 def topk_accuracy(scores, labels, topk: Sequence[int] = (1, 5), *, num_classes: int | None = None) -> dict[str, float]:
     """Top-k accuracy in percent from per-class scores.
 
@@ -83,12 +92,7 @@ def topk_accuracy(scores, labels, topk: Sequence[int] = (1, 5), *, num_classes: 
     labels = as_index_tensor("labels", labels)
     if scores.dim() != 2:
         raise DistillationInputError(f"scores must have shape (num_samples, num_classes), got {tuple(scores.shape)}.")
-    if scores.shape[0] != labels.numel():
-        raise DistillationInputError(
-            f"scores has {scores.shape[0]} samples but labels has {labels.numel()}; they must describe the same samples."
-        )
-    if labels.numel() == 0:
-        raise DistillationInputError("top-k accuracy of an empty evaluation set is undefined; got 0 samples.")
+    _check_samples("scores", scores.shape[0], labels, "top-k accuracy")
     check_finite("scores", scores)
     _check_class_labels(labels, scores.shape[1], num_classes, "the score matrix")
     ranks = torch.cat([
@@ -133,12 +137,7 @@ def zero_shot_accuracy(
             f"classifier has shape {tuple(clf.shape)} but image embeddings have dim {images.shape[1]}; the classifier "
             f"must be (embed_dim, num_classes){hint}. Were the classifier and the images encoded by the same model?"
         )
-    if images.shape[0] != labels.numel():
-        raise DistillationInputError(
-            f"image_embeds has {images.shape[0]} samples but labels has {labels.numel()}; they must describe the same samples."
-        )
-    if labels.numel() == 0:
-        raise DistillationInputError("zero-shot accuracy of an empty evaluation set is undefined; got 0 images.")
+    _check_samples("image_embeds", images.shape[0], labels, "zero-shot accuracy")
     check_finite("classifier", clf)
     _check_class_labels(labels, clf.shape[1], num_classes, "the zero-shot classifier (one column per class name)")
     images = l2_normalize("image_embeds", images)
