@@ -405,6 +405,40 @@ class DistillationTrainer(StreamTrackingMixin, Trainer):
         super().log(logs, start_time)
 
     # ------------------------------------------------------------------ saving
+    def create_model_card(self, model_name: str | None = None, language: str | None = None,
+                          license: str | None = None, tags: str | list[str] | None = None,
+                          finetuned_from: str | None = None, dataset: str | list[str] | None = None, **kwargs) -> None:
+        """``README.md`` for the exported student (``push_to_hub`` writes it): Trainer's own card assumes a
+        ``PreTrainedModel``; this one names the student's library, the method, its knobs and the last metrics."""
+        if not self.is_world_process_zero():
+            return
+        from huggingface_hub import ModelCard, ModelCardData
+
+        a = self.args
+        extra_tags = [tags] if isinstance(tags, str) else list(tags or [])
+        data = ModelCardData(library_name=self.student_adapter.library, license=license, language=language,
+                             base_model=finetuned_from, datasets=[dataset] if isinstance(dataset, str) else dataset,
+                             tags=["knowledge-distillation", "hf_cifd", a.method, *extra_tags])
+        knobs = {"method": a.method, "temperature": a.temperature, "lambda_ce": a.lambda_ce, "lambda_kl": a.lambda_kl,
+                 "kd_dropout": a.kd_dropout, "embedding_weight": a.embedding_weight,
+                 "embedding_distortion": a.embedding_distortion, "num_rdms": {m: len(r) for m, r in self.rdms.items()},
+                 "rdm_rates": a.rdm_rates, "use_ibm": a.use_ibm, "lambda_ibm": a.lambda_ibm,
+                 "learning_rate": a.learning_rate, "train_batch_size": a.per_device_train_batch_size,
+                 "global_steps": self.state.global_step, "seed": a.seed}
+        metrics = next((h for h in reversed(self.state.log_history) if any(k.startswith("eval_") for k in h)), {})
+        library = self.student_adapter.library
+        loads_alone = (" The files are the student alone in its library's own format: no hf_cifd is needed to use it."
+                       if library in ("timm", "transformers", "open_clip") else
+                       " The files are the student alone (safetensors + config.json); load them into its own class.")
+        lines = [f"# {model_name or os.path.basename(os.path.abspath(a.output_dir))}", "",
+                 f"A {library} model distilled with [hf_cifd](https://github.com/hf-cifd/hf_cifd) (method "
+                 f"`{a.method}`).{loads_alone}", "",
+                 "## Distillation settings", "", *[f"- {k}: {v}" for k, v in knobs.items()], "",
+                 "## Evaluation", ""]
+        lines += [f"- {k}: {v}" for k, v in metrics.items()] or ["No evaluation was run."]
+        ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n").save(
+            os.path.join(a.output_dir, "README.md"))
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         output_dir = output_dir or self.args.output_dir
         if _internal_call and os.path.abspath(output_dir) != os.path.abspath(self.args.output_dir):

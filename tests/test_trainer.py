@@ -178,3 +178,18 @@ def test_config_parses_from_command_line():
          "--use_ibm", "false", "--report_to", "none", "--use_cpu", "true"])
     assert cfg.method == "cifd" and cfg.rdm_rates == [1e4, 1e3] and cfg.kd_dropout == 0.1 and cfg.use_ibm is False
     assert cfg.remove_unused_columns is False and math.isclose(cfg.lambda_ibm, 0.001)
+
+
+def test_model_card_for_the_exported_student(tmp_path):
+    # Trainer.push_to_hub writes this card; Trainer's own one assumes a PreTrainedModel and fails on the container.
+    ds = toy_dataset(16)
+    trainer = DistillationTrainer(model=TinyNet(), teacher=TinyNet(embed_dim=12), train_dataset=ds, eval_dataset=ds,
+                                  args=_args(tmp_path, method="kd", max_steps=1))
+    trainer.train()
+    accuracy = trainer.evaluate()["eval_accuracy"]
+    trainer.save_model()
+    trainer.create_model_card(model_name="tiny-kd", dataset="toy")
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert card.startswith("---\n") and "library_name: torch" in card and "- knowledge-distillation" in card
+    assert "# tiny-kd" in card and "- method: kd" in card and f"- eval_accuracy: {accuracy}" in card
+    assert (tmp_path / "out" / "model.safetensors").exists()
