@@ -1,6 +1,5 @@
 """The evaluate metric modules load offline from the package and agree with the pure functions."""
 
-import math
 import os
 
 import pytest
@@ -9,23 +8,8 @@ import torch
 from hf_cifd.checks import DistillationInputError
 import hf_cifd.eval as E
 
-# Same hand-checked retrieval case as test_eval_retrieval.py: images at 0/90/180 deg, captions at
-# 60/10/100/200/250 deg owned by images 0,0,1,1,2; similarity = cos(angle difference).
-IMAGE_DEG = [0, 90, 180]
-TEXT_DEG = [60, 10, 100, 200, 250]
-TEXT_TO_IMAGE = torch.tensor([0, 0, 1, 1, 2])
-EXPECTED = {
-    "image_retrieval_recall@1": 60.0,
-    "image_retrieval_recall@2": 100.0,
-    "image_retrieval_recall@10": 100.0,
-    "text_retrieval_recall@1": pytest.approx(200 / 3),
-    "text_retrieval_recall@2": 100.0,
-    "text_retrieval_recall@10": 100.0,
-}
-
-
-def hand_similarity():
-    return torch.tensor([[math.cos(math.radians(t - i)) for i in IMAGE_DEG] for t in TEXT_DEG])
+# The hand-checked retrieval case of test_eval_retrieval.py (tests/helpers.py).
+from helpers import EXPECTED, TEXT_TO_IMAGE, hand_similarity
 
 
 @pytest.fixture(scope="module")
