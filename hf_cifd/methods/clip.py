@@ -76,27 +76,22 @@ class OpenCLIPDistill(_CLIPMethod):
     """open_clip ``--distill-model``: contrastive + soft cross-entropy of the student's image->text / text->image
     logits against the teacher's (each with its own logit scale), unweighted sum."""
 
-    name = "openclip"
+    name, term = "openclip", "distill"
 
     def loss_terms(self, student, teacher, rdms, batch, extra):
         s_img, s_txt, t_img, t_txt = _global_pairs(student, teacher)
-        distill = losses.openclip_distill_loss(s_img, s_txt, student.encoded.logit_scale, t_img, t_txt,
+        # losses.tinyclip_affinity_loss is this same function (the two papers' formulas coincide).
+        soft_ce = losses.openclip_distill_loss(s_img, s_txt, student.encoded.logit_scale, t_img, t_txt,
                                                _teacher_scale(teacher))
-        return {"contrastive": _contrastive(student), "distill": self.config.clip_distill_weight * distill}
+        return {"contrastive": _contrastive(student), self.term: self.config.clip_distill_weight * soft_ce}
 
 
 @register_method
-class TinyCLIPDistill(_CLIPMethod):
+class TinyCLIPDistill(OpenCLIPDistill):
     """TinyCLIP affinity mimicking (knowledge-distillation part only, no pruning): contrastive + cross-entropy of the
-    student's image-text affinities against the teacher's."""
+    student's image-text affinities against the teacher's -- the open_clip distillation loss, logged as "affinity"."""
 
-    name = "tinyclip"
-
-    def loss_terms(self, student, teacher, rdms, batch, extra):
-        s_img, s_txt, t_img, t_txt = _global_pairs(student, teacher)
-        affinity = losses.tinyclip_affinity_loss(s_img, s_txt, student.encoded.logit_scale, t_img, t_txt,
-                                                 _teacher_scale(teacher))
-        return {"contrastive": _contrastive(student), "affinity": self.config.clip_distill_weight * affinity}
+    name, term = "tinyclip", "affinity"
 
 
 class _LogitScale(nn.Module):
