@@ -79,15 +79,24 @@ class DistillationModel(nn.Module):
         return StudentOutput(encoded=encoded, matched=matched, ibm_rate=rates, training=self.training)
 
 
-def _first_sample(dataset) -> Mapping[str, Any] | None:
+def _sample_fields(dataset) -> set[str] | None:
+    """The field names of the training samples, found without reading a stream (iterating one would fill its
+    shuffle buffer: thousands of decoded images before training starts); None when unknown."""
     if dataset is None:
         return None
+    if _is_stream(dataset):
+        from .data import find_processor
+
+        processor = find_processor(dataset)
+        if processor is not None:  # load_image_dataset: classification streams always yield labels
+            return {"labels"} if processor.task == "classification" else {"pixel_values", "text"}
+        return set(dataset.column_names) if dataset.column_names else None
     try:
-        if hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__"):
-            return dataset[0] if len(dataset) else None
-        return next(iter(dataset))
+        if hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__") and len(dataset):
+            return set(dataset[0])
     except Exception:  # an exotic dataset: the per-batch checks still apply
-        return None
+        pass
+    return None
 
 
 class DistillationTrainer(StreamTrackingMixin, Trainer):
@@ -253,10 +262,10 @@ class DistillationTrainer(StreamTrackingMixin, Trainer):
                         f"teacher's is {width}: train RDMs on this teacher's embeddings."
                     )
         if task == "classification" and self.method.needs_labels:
-            sample = _first_sample(train_dataset)
-            if sample is not None and not ({"labels", "label"} & set(sample)):
+            fields = _sample_fields(train_dataset)
+            if fields is not None and not ({"labels", "label"} & fields):
                 raise DistillationInputError(
-                    f"the training dataset has no 'labels'/'label' field (fields: {sorted(sample)}); method "
+                    f"the training dataset has no 'labels'/'label' field (fields: {sorted(fields)}); method "
                     f"{args.method!r} trains on labels. Add the label column or rename it to 'labels'."
                 )
         if self.teacher_cache is not None and train_dataset is not None:

@@ -193,3 +193,29 @@ def test_model_card_for_the_exported_student(tmp_path):
     assert card.startswith("---\n") and "library_name: torch" in card and "- knowledge-distillation" in card
     assert "# tiny-kd" in card and "- method: kd" in card and f"- eval_accuracy: {accuracy}" in card
     assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_label_check_on_a_stream_reads_no_record(tmp_path):
+    import datasets
+    import numpy as np
+
+    reads = []
+
+    def records(with_labels):
+        for i in range(8):
+            reads.append(i)
+            row = {"pixel_values": np.zeros((1, 4, 4), np.float32)}
+            yield {**row, "labels": i % 4} if with_labels else row
+
+    def stream(with_labels):
+        feats = {"pixel_values": datasets.Array3D((1, 4, 4), "float32")}
+        if with_labels:
+            feats["labels"] = datasets.Value("int64")
+        return datasets.IterableDataset.from_generator(records, gen_kwargs={"with_labels": with_labels},
+                                                       features=datasets.Features(feats))
+
+    args = _args(tmp_path, method="kd", max_steps=1)
+    DistillationTrainer(model=TinyNet(), teacher=TinyNet(embed_dim=12), args=args, train_dataset=stream(True))
+    with pytest.raises(DistillationInputError, match="no 'labels'/'label' field"):
+        DistillationTrainer(model=TinyNet(), teacher=TinyNet(embed_dim=12), args=args, train_dataset=stream(False))
+    assert reads == []
