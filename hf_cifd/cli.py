@@ -181,10 +181,16 @@ def main(argv=None) -> int:
         # Every DistillationConfig (TrainingArguments) and RecipeArguments flag, parsed by HfArgumentParser.
         from .pipeline import main as distill_main
 
+        from .distributed import shutdown
+
         distill_main(argv[1:])
+        shutdown()
         return 0
     args = build_parser().parse_args(argv)
     args.run(args)
+    from .distributed import shutdown
+
+    shutdown()
     return 0
 
 

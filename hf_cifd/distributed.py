@@ -110,3 +110,11 @@ def clip_loss_global(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logi
     logits_per_image = logit_scale * image @ all_text.T
     logits_per_text = logit_scale * text @ all_image.T
     return F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)
+
+
+def shutdown() -> None:
+    """End of a multi-process run: wait for every rank, then destroy the process group. Left to interpreter exit,
+    gloo's threads can be torn down while still in use and a rank aborts (SIGABRT) after the work was done."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

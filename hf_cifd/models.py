@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
+
+from .modules.strict_hub import StrictHubMixin
 
 # Table 8 of the CIFD paper (CIFAR-100, 32x32 inputs); the output layer FC100 is the head.
 TABLE8 = {
@@ -22,7 +23,7 @@ TABLE8 = {
 }
 
 
-class SimpleCNN(nn.Module, PyTorchModelHubMixin, library_name="hf_cifd", tags=["image-classification", "cifd"]):
+class SimpleCNN(nn.Module, StrictHubMixin, library_name="hf_cifd", tags=["image-classification", "cifd"]):
     """``features`` (convs, ReLUs, pools) -> flatten -> ``embed`` (FC layers + ReLU) -> ``head``."""
 
     def __init__(self, layers: Sequence[str], num_classes: int = 100, in_channels: int = 3, input_size: int = 32):

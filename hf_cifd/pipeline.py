@@ -556,6 +556,9 @@ def run_classification(recipe_args: RecipeArguments, config: DistillationConfig)
             json.dump(results, f, indent=2, default=str)
         summary = {k: results[k] for k in ("eval_accuracy", "teacher_calls", "num_processes", "wall_time_s")}
         _stage("done", json.dumps(summary))
+    from .distributed import shutdown
+
+    shutdown()  # every rank exits 0: no process group left to interpreter exit
     return results
 
 

@@ -36,6 +36,7 @@ from hf_cifd import DistillationConfig, DistillationTrainer
 from hf_cifd.adapters.open_clip import create_openclip
 from hf_cifd.clip_eval import CLIPEvaluator
 from hf_cifd.data.collate import collate
+from hf_cifd.distributed import shutdown
 from hf_cifd.data.loading import load_image_dataset
 from hf_cifd.launch import relaunch_for_cpu_processes
 
@@ -220,6 +221,7 @@ def main():
         with open(os.path.join(out, "eval_results.json"), "w") as f:
             json.dump(results, f, indent=2)
         logger.info("eval results: %s", json.dumps(results))
+    shutdown()  # every rank exits 0: no process group left to interpreter exit
 
 
 if __name__ == "__main__":

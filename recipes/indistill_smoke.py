@@ -148,6 +148,9 @@ def main() -> None:
         with open(os.path.join(opts.output_dir, "smoke_results.json"), "w") as f:
             json.dump(dict(results, num_processes=state.num_processes), f, indent=2)
         print(json.dumps(results))
+    from hf_cifd.distributed import shutdown
+
+    shutdown()
 
 
 if __name__ == "__main__":

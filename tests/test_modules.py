@@ -1,6 +1,8 @@
 """RateDistortionModule, InformationBottleneck, the entropy bottleneck and projector (issue 2, items 3-5)."""
 
+import json
 import math
+import re
 
 import pytest
 import torch
@@ -156,3 +158,49 @@ def test_rdm_without_rate_gives_the_same_reconstruction_in_eval_mode():
     rdm.train()
     noisy = rdm(x, with_rate=False).latent
     assert 0 < (noisy - rdm.encoder(x)).abs().max() <= 0.5
+
+
+def _edit_saved(path, drop=None, add=None, config=None):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path / "model.safetensors"))
+    if drop:
+        tensors.pop(drop)
+    if add:
+        tensors[add] = torch.zeros(2)
+    save_file(tensors, str(path / "model.safetensors"))
+    if config:
+        cfg = json.loads((path / "config.json").read_text())
+        cfg.update(config)
+        (path / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("edit, named", [
+    ({"drop": "decoder.0.weight"}, "missing tensor(s) ['decoder.0.weight']"),
+    ({"add": "extra_head.weight"}, "unexpected tensor(s) ['extra_head.weight']"),
+    ({"config": {"num_classes": 3}}, "missing tensor(s) ['head.bias', 'head.weight']"),  # config declares a head
+    ({"config": {"extra_head_classes": 7}}, "config key(s) ['extra_head_classes']"),
+])
+def test_rdm_and_cnn_from_pretrained_are_strict(tmp_path, edit, named):
+    from hf_cifd.models import SimpleCNN
+
+    rdm_dir, cnn_dir = tmp_path / "rdm", tmp_path / "cnn"
+    RateDistortionModule(10, hidden_dims=(16, 8, 16), num_classes=None).save_pretrained(rdm_dir)
+    SimpleCNN(["C4", "MP", "FC8"], num_classes=3, input_size=8).save_pretrained(cnn_dir)
+    cnn_edit = dict(edit)
+    if "drop" in cnn_edit:
+        cnn_edit["drop"] = "head.weight"
+    if edit.get("config", {}).get("num_classes"):  # the CNN always has a head: a 5-class config vs 3-class weights
+        cnn_edit["config"] = {"num_classes": 5}
+    _edit_saved(rdm_dir, **edit)
+    _edit_saved(cnn_dir, **cnn_edit)
+    with pytest.raises(DistillationInputError, match=re.escape(named)):
+        RateDistortionModule.from_pretrained(rdm_dir)
+    cnn_named = {"decoder.0.weight": "missing tensor(s) ['head.weight']"}.get(edit.get("drop"), named)
+    with pytest.raises((DistillationInputError, RuntimeError)) as err:
+        SimpleCNN.from_pretrained(cnn_dir)
+    if "num_classes" in edit.get("config", {}):
+        assert "size mismatch for head.weight" in str(err.value)  # torch names the tensor of another width
+    else:
+        assert cnn_named in str(err.value)
+    RateDistortionModule.from_pretrained(rdm_dir, strict=False)  # the documented opt-out still loads

@@ -11,12 +11,12 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from .. import losses
 from ..checks import check_finite, check_positive, check_width, DistillationInputError
 from .bottleneck import EntropyBottleneck1d
+from .strict_hub import StrictHubMixin
 
 
 @dataclass
@@ -39,7 +39,7 @@ def _mlp(dims: Sequence[int], activate: Sequence[bool], activation: str) -> nn.S
 
 class RateDistortionModule(
     nn.Module,
-    PyTorchModelHubMixin,
+    StrictHubMixin,
     library_name="hf_cifd",
     tags=["knowledge-distillation", "cifd", "rate-distortion-module"],
     repo_url="https://github.com/hf-cifd/hf_cifd",

@@ -44,6 +44,8 @@ def main():
                                        progress=False)
         if accelerator.is_main_process:
             dump(report_path, report.__dict__)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
 
 
 if __name__ == "__main__":

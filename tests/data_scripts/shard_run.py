@@ -48,6 +48,7 @@ def main():
     if accelerator.is_main_process:
         result["num_processes"] = accelerator.num_processes
         dump(out, result)
+    accelerator.end_training()  # barrier-free teardown of the process group: no abort at exit
 
 
 if __name__ == "__main__":
