@@ -28,7 +28,6 @@ _EXPORTS = {
     "RecipeArguments": "hf_cifd.pipeline",
     "run_classification": "hf_cifd.pipeline",
     "load_model": "hf_cifd.pipeline",
-    "relaunch_for_cpu_processes": "hf_cifd.launch",
     "cache_teacher_outputs": "hf_cifd.data",
     "TeacherCache": "hf_cifd.data",
     "load_image_dataset": "hf_cifd.data",

@@ -2,7 +2,8 @@
 
     accelerate launch recipes/cifar100_cnn10_to_cnn2.py --output_dir runs/cifar_cnn10_cnn2
     accelerate launch recipes/cifar100_cnn10_to_cnn2.py --teacher cnn:runs/cifar_cnn10_cnn2/teacher --output_dir runs/b
-    accelerate launch --num_processes 2 --cpu recipes/cifar100_cnn10_to_cnn2.py --smoke --output_dir /tmp/smoke
+    accelerate launch --config_file recipes/configs/accelerate/multi_gpu.yaml recipes/cifar100_cnn10_to_cnn2.py --output_dir runs/x
+    ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 recipes/cifar100_cnn10_to_cnn2.py --smoke --output_dir /tmp/smoke  # 2 CPU processes
 
 The teacher: ``--teacher cnn:<dir>`` loads a trained 10-layer CNN (``SimpleCNN.from_pretrained``, e.g. the
 ``<output_dir>/teacher`` of an earlier run). With the default ``--teacher cnn:cnn10`` (a Table 8 name, no weights
@@ -23,7 +24,6 @@ the cnn10 teacher trained for 10 steps first).
 import os
 import sys
 
-from hf_cifd.launch import relaunch_for_cpu_processes  # cheap: no torch / transformers import
 
 DEFAULTS = {
     "--teacher": "cnn:cnn10", "--student": "cnn:cnn2", "--num_classes": "100", "--teacher_pretrained": "false",
@@ -51,10 +51,7 @@ def _teacher_arg(argv):
 
 
 def main():
-    code = relaunch_for_cpu_processes()  # `accelerate launch --cpu --num_processes N` starts one process
-    if code is not None:
-        sys.exit(code)
-    from hf_cifd.pipeline import parse_recipe_args, run_classification  # after the relaunch check: seconds of imports
+    from hf_cifd.pipeline import parse_recipe_args, run_classification
 
     # Train the teacher first unless --teacher names a trained model directory.
     trained = os.path.isdir(_teacher_arg(sys.argv[1:]).partition(":")[2])

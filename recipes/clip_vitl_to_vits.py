@@ -2,7 +2,8 @@
 
     accelerate launch recipes/clip_vitl_to_vits.py --output_dir runs/clip_vits16
     accelerate launch recipes/clip_vitl_to_vits.py --student RN50 --output_dir runs/clip_rn50
-    accelerate launch --num_processes 2 --cpu recipes/clip_vitl_to_vits.py --smoke --output_dir /tmp/smoke
+    accelerate launch --config_file recipes/configs/accelerate/multi_gpu.yaml recipes/clip_vitl_to_vits.py --output_dir runs/x
+    ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 recipes/clip_vitl_to_vits.py --smoke --output_dir /tmp/smoke  # 2 CPU processes
 
 Paper defaults (Appendix A.3): teacher ViT-L-14 (pretrained tag ``--teacher_pretrained``, default "openai"), student
 ViT-S-16 (or RN50 / ViT-B-16), CC12M streamed from ``pixparse/cc12m-wds``, batch 256 per GPU (1024 on 4 GPUs),
@@ -38,7 +39,6 @@ from hf_cifd.clip_eval import CLIPEvaluator
 from hf_cifd.data.collate import collate
 from hf_cifd.distributed import shutdown
 from hf_cifd.data.loading import load_image_dataset
-from hf_cifd.launch import relaunch_for_cpu_processes
 
 logger = logging.getLogger("clip_vitl_to_vits")
 
@@ -123,9 +123,6 @@ def train_dataset(path, data_files, student_pre, student_tok, teacher_pre=None, 
 
 
 def main():
-    code = relaunch_for_cpu_processes()  # `accelerate launch --cpu --num_processes N` starts one process
-    if code is not None:
-        sys.exit(code)
     args, config = parse()
     # Each process streams its own shards (CC12M has thousands) instead of rank 0 decoding for everyone.
     config.accelerator_config.dispatch_batches = False

@@ -2,7 +2,8 @@
 
     accelerate launch recipes/imagenet_r34_to_r18.py --output_dir runs/r34_r18
     accelerate launch recipes/imagenet_r34_to_r18.py --method kd --output_dir runs/r34_r18_kd
-    accelerate launch --num_processes 2 --cpu recipes/imagenet_r34_to_r18.py --smoke --output_dir /tmp/smoke
+    accelerate launch --config_file recipes/configs/accelerate/multi_gpu.yaml recipes/imagenet_r34_to_r18.py --output_dir runs/x
+    ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 recipes/imagenet_r34_to_r18.py --smoke --output_dir /tmp/smoke  # 2 CPU processes
 
 Paper defaults (every one overridable by its flag; any DistillationConfig / RecipeArguments flag works): teacher
 ``timm:resnet34.a1_in1k`` (pretrained), student ``timm:resnet18`` (random init), ``timm/imagenet-1k-wds`` streamed
@@ -18,18 +19,10 @@ time), ``<output_dir>/rdms/`` and the student in timm's format to ``<output_dir>
 generated coloured-shapes webdataset (see :mod:`hf_cifd.pipeline`).
 """
 
-import sys
-
-from hf_cifd.launch import relaunch_for_cpu_processes  # cheap: no torch / transformers import
-
 SMOKE = {"--teacher": "timm:resnet34", "--student": "timm:resnet18"}
 
 
 def main():
-    code = relaunch_for_cpu_processes()  # `accelerate launch --cpu --num_processes N` starts one process
-    if code is not None:
-        sys.exit(code)
-    # After the relaunch check: these imports take seconds.
     from hf_cifd.pipeline import IMAGENET_DEFAULTS, parse_recipe_args, run_classification
 
     defaults = {**IMAGENET_DEFAULTS, "--teacher": "timm:resnet34.a1_in1k", "--student": "timm:resnet18",

@@ -5,7 +5,8 @@ student data configs differ (mean/std, crop), so the teacher gets its own transf
 
     accelerate launch recipes/imagenet_r50_to_mbv1.py --output_dir runs/r50_mbv1
     accelerate launch recipes/imagenet_r50_to_mbv1.py --method kd --output_dir runs/r50_mbv1_kd
-    accelerate launch --num_processes 2 --cpu recipes/imagenet_r50_to_mbv1.py --smoke --output_dir /tmp/smoke
+    accelerate launch --config_file recipes/configs/accelerate/multi_gpu.yaml recipes/imagenet_r50_to_mbv1.py --output_dir runs/x
+    ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 recipes/imagenet_r50_to_mbv1.py --smoke --output_dir /tmp/smoke  # 2 CPU processes
 
 Paper defaults (every one overridable by its flag; any DistillationConfig / RecipeArguments flag works): teacher
 ``timm:resnet50.a1_in1k`` (pretrained), student ``timm:mobilenetv1_100`` (random init), ``timm/imagenet-1k-wds`` streamed
@@ -21,18 +22,10 @@ time), ``<output_dir>/rdms/`` and the student in timm's format to ``<output_dir>
 generated coloured-shapes webdataset (see :mod:`hf_cifd.pipeline`).
 """
 
-import sys
-
-from hf_cifd.launch import relaunch_for_cpu_processes  # cheap: no torch / transformers import
-
 SMOKE = {"--teacher": "timm:resnet50", "--student": "timm:mobilenetv1_100"}
 
 
 def main():
-    code = relaunch_for_cpu_processes()  # `accelerate launch --cpu --num_processes N` starts one process
-    if code is not None:
-        sys.exit(code)
-    # After the relaunch check: these imports take seconds.
     from hf_cifd.pipeline import IMAGENET_DEFAULTS, parse_recipe_args, run_classification
 
     defaults = {**IMAGENET_DEFAULTS, "--teacher": "timm:resnet50.a1_in1k", "--student": "timm:mobilenetv1_100",

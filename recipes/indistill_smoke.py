@@ -1,11 +1,9 @@
 """InDistill + Comparative KD smoke runs (issue 6), for ``accelerate launch``.
 
-    accelerate launch --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no --multi_gpu \
-        recipes/indistill_smoke.py --smoke --output_dir /tmp/smoke
+    ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 recipes/indistill_smoke.py --smoke --output_dir /tmp/smoke
 
-(``--multi_gpu`` starts two torchrun workers, which run on the CPU with gloo because the configs set ``use_cpu=True``.
-``accelerate launch --num_processes 2 --cpu`` alone would start a single process; :mod:`hf_cifd.launch` then starts
-the two workers itself.)
+(two CPU processes talking over gloo; on GPUs use ``accelerate launch --config_file
+recipes/configs/accelerate/multi_gpu.yaml``.)
 
 Three short DistillationTrainer runs on random data with random-init models (no downloads):
 
@@ -29,7 +27,6 @@ import torch
 from torch import nn
 
 from hf_cifd import DistillationConfig, DistillationTrainer
-from hf_cifd.launch import relaunch_for_cpu_processes
 
 
 class RandomImages(torch.utils.data.Dataset):
@@ -118,9 +115,6 @@ def run_ckd_budget(output_dir: str, budget: int = 8) -> dict:
 
 
 def main() -> None:
-    code = relaunch_for_cpu_processes()  # `accelerate launch --cpu --num_processes N` starts one process
-    if code is not None:
-        raise SystemExit(code)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny random-init models and data (the only mode)")
     parser.add_argument("--output_dir", default="outputs/indistill_smoke")

@@ -1,12 +1,17 @@
 """Small models and datasets shared by the tests."""
 
 import math
+import sys
 
 import datasets
 import numpy as np
 import pytest
 import torch
 from torch import nn
+
+# Two CPU processes the way the README documents it (run with ACCELERATE_USE_CPU=1 in the environment);
+# --standalone picks a free rendezvous port.
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
 class TinyNet(nn.Module):

@@ -1,6 +1,6 @@
 """Acceptance 1 (and 3 end to end): the 2-process offline smoke run of the CLIP recipe.
 
-Runs exactly ``accelerate launch --num_processes 2 --cpu recipes/clip_vitl_to_vits.py --smoke --output_dir D`` and
+Runs exactly ``ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 recipes/clip_vitl_to_vits.py --smoke --output_dir D`` and
 checks D/eval_results.json (zero-shot top-1/top-5, both retrieval directions' R@1/5/10, top-1 clearly above chance,
 two processes) and that D/student, loaded by open_clip alone (no hf_cifd import), reproduces the reported zero-shot
 top-1 on the same held-out shapes shards.
@@ -16,17 +16,18 @@ import time
 
 import pytest
 
+from helpers import TORCHRUN
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.slow
 def test_two_process_smoke_run(tmp_path):
     out = tmp_path / "D"
-    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
     start = time.time()
-    res = subprocess.run([accelerate, "launch", "--num_processes", "2", "--cpu", "recipes/clip_vitl_to_vits.py",
-                          "--smoke", "--output_dir", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900,
-                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    res = subprocess.run([*TORCHRUN, "recipes/clip_vitl_to_vits.py", "--smoke", "--output_dir", str(out)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=900,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1"})
     elapsed = time.time() - start
     assert res.returncode == 0, res.stderr[-4000:]
     results = json.loads((out / "eval_results.json").read_text())
