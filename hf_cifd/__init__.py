@@ -21,6 +21,8 @@ _EXPORTS = {
     "Projector": "hf_cifd.modules.projector",
     "EntropyBottleneck1d": "hf_cifd.modules.bottleneck",
     "train_rdms": "hf_cifd.rdm_training",
+    "train_assistants": "hf_cifd.assistants",
+    "table8_assistants": "hf_cifd.assistants",
     "adapter_for": "hf_cifd.adapters",
     "DistillationInputError": "hf_cifd.checks",
     "losses": "hf_cifd.losses",

@@ -15,7 +15,7 @@ from transformers import TrainingArguments
 
 from .checks import DistillationInputError
 
-CLASSIFICATION_METHODS = ("student", "kd", "fitnet", "rkd", "cifd", "ckd")
+CLASSIFICATION_METHODS = ("student", "kd", "fitnet", "rkd", "pkt", "takd", "dgkd", "cifd", "ckd")
 CLIP_METHODS = ("clip", "openclip", "clipkd", "tinyclip", "cifd", "ckd")
 DISTORTIONS = ("mse", "smooth_l1")
 
@@ -25,7 +25,8 @@ class DistillationConfig(TrainingArguments):
     # --- method -------------------------------------------------------------------------------------------
     method: str = field(
         default="cifd",
-        metadata={"help": "Distillation method. Classification: student (no teacher), kd, fitnet, rkd, cifd, ckd. "
+        metadata={"help": "Distillation method. Classification: student (no teacher), kd, fitnet, rkd, pkt, takd (KD from "
+                          "the last of a chain of teacher assistants), dgkd (teacher + all assistants), cifd, ckd. "
                           "CLIP: clip (no teacher), openclip, clipkd, tinyclip, cifd, ckd."},
     )
     temperature: float = field(default=2.0, metadata={"help": "KD temperature tau (eq. 9; logits divided by tau, loss x tau^2)."})
@@ -64,6 +65,12 @@ class DistillationConfig(TrainingArguments):
     rkd_distance_weight: float = field(default=25.0, metadata={"help": "RKD distance-term weight (Park et al.)."})
     rkd_angle_weight: float = field(default=50.0, metadata={"help": "RKD angle-term weight (Park et al.)."})
     ckd_weight: float = field(default=1.0, metadata={"help": "Weight of the Comparative KD terms (method ckd)."})
+    pkt_weight: float = field(
+        default=30000.0, metadata={"help": "Weight of the PKT loss (method pkt; 30000 = the CRD/RepDistiller benchmark's "
+                                           "value for this mean-over-N^2 form)."})
+    dgkd_drop_num: int = field(
+        default=1, metadata={"help": "DGKD KD dropout: number of the teacher/assistant KD terms dropped per step (DGKD's "
+                                     "--drop-num, default 1; method dgkd)."})
     # --- CLIP ---------------------------------------------------------------------------------------------------
     lambda_cl: float = field(default=0.005, metadata={"help": "lambda_CL: contrastive-loss weight in CIFD for CLIP (eq. 13)."})
     # --- CLIP distillation baselines ---
@@ -118,10 +125,12 @@ class DistillationConfig(TrainingArguments):
                 raise DistillationInputError(f"{name} must be > 0, got {value!r}.")
         for name in ("lambda_ce", "lambda_kl", "embedding_weight", "lambda_ibm", "lambda_cl", "ckd_weight",
                      "clip_distill_weight", "clipkd_fd_weight", "clipkd_crd_weight", "clipkd_icl_weight",
-                     "rkd_distance_weight", "rkd_angle_weight"):
+                     "rkd_distance_weight", "rkd_angle_weight", "pkt_weight"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise DistillationInputError(f"{name} must be a finite number >= 0, got {value!r}.")
+        if not isinstance(self.dgkd_drop_num, int) or self.dgkd_drop_num < 0:
+            raise DistillationInputError(f"dgkd_drop_num must be an int >= 0, got {self.dgkd_drop_num!r}.")
         if not 0.0 <= self.kd_dropout < 1.0:
             raise DistillationInputError(f"kd_dropout is a probability in [0, 1), got {self.kd_dropout!r}.")
         if self.embedding_distortion not in DISTORTIONS:

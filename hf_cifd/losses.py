@@ -1,4 +1,4 @@
-"""Distillation losses: CIFD (Chen et al., NeurIPS 2024) and the baselines it is compared against.
+"""Distillation losses: CIFD (Saidutta et al., NeurIPS 2024) and the baselines it is compared against.
 
 Every loss is a pure function of tensors (no modules, no state). Equation numbers refer to the CIFD
 paper; other methods cite their reference implementation.
@@ -48,11 +48,14 @@ __all__ = [
     "clipkd_fd_loss",
     "clipkd_icl_loss",
     "comparative_kd_loss",
+    "dgkd_loss",
+    "kd_drop_count_mask",
     "embedding_distortion",
     "fitnet_loss",
     "kd_dropout_mask",
     "kd_loss",
     "openclip_distill_loss",
+    "pkt_loss",
     "rate_distortion_loss",
     "rdm_loss",
     "rkd_loss",
@@ -111,6 +114,17 @@ def _check_matching(
         )
     check_finite(pred_name, pred)
     check_finite(target_name, target)
+
+
+def _check_relational(loss: str, s_name: str, student: torch.Tensor, t_name: str, teacher: torch.Tensor) -> None:
+    """Losses relating the samples of a batch to each other: (N, D_s) / (N, D_t), finite, N >= 2."""
+    _check_batched(s_name, student, exact_dim=2)
+    _check_batched(t_name, teacher, exact_dim=2)
+    check_same_batch(**{s_name: student, t_name: teacher})
+    check_finite(s_name, student)
+    check_finite(t_name, teacher)
+    if student.shape[0] < 2:
+        raise DistillationInputError(f"{loss} needs a batch of at least 2 samples, got {student.shape[0]}.")
 
 
 def _check_kind(kind: str) -> None:
@@ -394,6 +408,25 @@ def kd_dropout_mask(
     return keep.to(device) if device is not None else keep
 
 
+def kd_drop_count_mask(num_terms: int, drop_num: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """DGKD's KD dropout as in its training script (Son et al. 2021, ``--drop-num``): exactly ``drop_num`` of the
+    ``num_terms`` teacher/assistant KD terms are dropped per step, chosen uniformly without replacement.
+
+    Returns a CPU bool tensor ``(num_terms,)`` (True = kept). ``drop_num`` must leave at least one term.
+    """
+    if not isinstance(num_terms, int) or num_terms < 1:
+        raise DistillationInputError(f"num_terms must be an int >= 1, got {num_terms!r}.")
+    if not isinstance(drop_num, int) or not 0 <= drop_num < num_terms:
+        raise DistillationInputError(
+            f"drop_num must be an int in [0, {num_terms - 1}] for {num_terms} teacher/assistant terms (at least one "
+            f"is kept), got {drop_num!r}."
+        )
+    keep = torch.ones(num_terms, dtype=torch.bool)
+    if drop_num:
+        keep[torch.randperm(num_terms, generator=generator)[:drop_num]] = False
+    return keep
+
+
 # --------------------------------------------------------------------------------------------------
 # CIFD composite objectives
 # --------------------------------------------------------------------------------------------------
@@ -617,6 +650,66 @@ def fitnet_loss(student_features: torch.Tensor, teacher_features: torch.Tensor) 
     return F.mse_loss(_upcast(student_features), _upcast(teacher_features.detach()))
 
 
+def dgkd_loss(
+    student_logits: torch.Tensor,
+    labels: torch.Tensor | None,
+    teacher_logits: torch.Tensor,
+    assistant_logits: Sequence[torch.Tensor],
+    *,
+    lambda_ce: float = 1.0,
+    lambda_kl: float = 1.0,
+    temperature: float = 2.0,
+    drop_num: int = 1,
+    generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:
+    """Densely Guided KD (Son et al., ICCV 2021), their eq. (3) with KD dropout: ``lambda_ce * CE +
+    lambda_kl * (KD(T || S) + sum_k KD(A_k || S))`` where exactly ``drop_num`` of the ``1 + K`` KD terms are
+    dropped per call (:func:`kd_drop_count_mask`; ``drop_num=0``: none).
+
+    Terms: ``"ce"`` (when ``labels`` is given), ``"kd_teacher"``, ``"kd_assistant_{k}"``; KD = :func:`kd_loss`
+    (batchmean x tau^2). Dropped terms are graph-free zeros (stable keys). Their script writes
+    ``(1 - lambda) * CE + lambda * T^2 * sum KL``; ``lambda_ce = 1 - lambda, lambda_kl = lambda`` gives that form.
+    Assistants are ordered from the largest (closest to the teacher) to the smallest.
+    """
+    assistant_logits = list(assistant_logits or ())
+    _check_non_negative("lambda_ce", lambda_ce)
+    _check_non_negative("lambda_kl", lambda_kl)
+    _check_batched("student_logits", student_logits, exact_dim=2)
+    check_finite("student_logits", student_logits)
+    keep = kd_drop_count_mask(1 + len(assistant_logits), drop_num, generator).tolist()
+    terms: dict[str, torch.Tensor] = {}
+    if labels is not None:
+        _check_labels_for("student_logits", student_logits, labels)
+        terms["ce"] = lambda_ce * _cross_entropy(student_logits, labels)
+    sources = [("kd_teacher", "teacher_logits", teacher_logits)]
+    sources += [(f"kd_assistant_{k}", f"assistant_logits[{k}]", a) for k, a in enumerate(assistant_logits)]
+    for (key, name, target), kept in zip(sources, keep):
+        _check_kd_pair("student_logits", student_logits, name, target, temperature)
+        terms[key] = lambda_kl * _kd(student_logits, target, temperature) if kept else _zero_loss(student_logits)
+    return terms
+
+
+def pkt_loss(student_features: torch.Tensor, teacher_features: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Probabilistic Knowledge Transfer (Passalis & Tefas, ECCV 2018), their eqs. (7)-(10) as in the authors' code.
+
+    Per model: rows L2-normalised, cosine-similarity kernel ``K = (x x^T + 1) / 2`` (in [0, 1]), each row divided by
+    its sum (the conditional probabilities ``p_{j|i}``). Loss = ``mean_{i,j} p^t_{j|i} log((p^t_{j|i} + eps) /
+    (p^s_{j|i} + eps))``: the KL(teacher || student) of each row, averaged over all ``N^2`` entries (the authors'
+    ``torch.mean``, i.e. the mean row KL divided by N). Features are ``(N, D_s)`` / ``(N, D_t)``: the widths may
+    differ (the kernels are N x N), so no projector is needed. ``teacher_features`` is detached.
+    """
+    _check_relational("pkt_loss", "student_features", student_features, "teacher_features", teacher_features)
+
+    def conditional(x: torch.Tensor) -> torch.Tensor:
+        x = x / (x.norm(dim=1, keepdim=True) + eps)
+        kernel = (x @ x.T + 1.0) / 2.0
+        return kernel / kernel.sum(dim=1, keepdim=True)
+
+    p_student = conditional(_upcast(student_features))
+    p_teacher = conditional(_upcast(teacher_features.detach()))
+    return (p_teacher * torch.log((p_teacher + eps) / (p_student + eps))).mean()
+
+
 def _rkd_distances(emb: torch.Tensor) -> torch.Tensor:
     """Pairwise euclidean distances divided by the mean of the non-zero ones (diagonal exactly 0)."""
     sq_norms = emb.pow(2).sum(dim=1)
@@ -646,13 +739,7 @@ def rkd_loss(
     """
     _check_non_negative("distance_weight", distance_weight)
     _check_non_negative("angle_weight", angle_weight)
-    _check_batched("student_emb", student_emb, exact_dim=2)
-    _check_batched("teacher_emb", teacher_emb, exact_dim=2)
-    check_same_batch(student_emb=student_emb, teacher_emb=teacher_emb)
-    check_finite("student_emb", student_emb)
-    check_finite("teacher_emb", teacher_emb)
-    if student_emb.shape[0] < 2:
-        raise DistillationInputError(f"rkd_loss needs a batch of at least 2 samples, got {student_emb.shape[0]}.")
+    _check_relational("rkd_loss", "student_emb", student_emb, "teacher_emb", teacher_emb)
     student, teacher = _upcast(student_emb), _upcast(teacher_emb.detach())
     return {
         "rkd_distance": distance_weight * F.smooth_l1_loss(_rkd_distances(student), _rkd_distances(teacher)),

@@ -113,6 +113,9 @@ class DistillationTrainer(StreamTrackingMixin, Trainer):
             ``sample_key`` and the teacher never runs.
         indistill_teacher: (keyword) an auxiliary teacher for the InDistill warm-up (``args.indistill_layers``),
             e.g. trained by :func:`hf_cifd.methods.indistill.train_auxiliary_teacher`; default: the teacher.
+        assistants: (keyword) trained teacher assistants, largest first (see :func:`hf_cifd.assistants.train_assistants`).
+            Method ``takd`` distils from the last one (the teacher is then not needed); ``dgkd`` runs the teacher and
+            every assistant on each batch. Their forward passes are logged as ``assistant_calls``.
         Other arguments are Trainer's.
     """
 
@@ -150,6 +153,8 @@ class DistillationTrainer(StreamTrackingMixin, Trainer):
 
         self.method = with_ckd_addon(self.method, args)
         indistill_teacher = kwargs.pop("indistill_teacher", None)
+        teacher, assistants = self._resolve_assistants(args, model, teacher, list(kwargs.pop("assistants", None) or ()),
+                                                       teacher_cache)
         self.ckd_budget = TeacherCallBudget(args, train_dataset) if args.teacher_call_budget else None
         if self.ckd_budget is not None:
             if teacher is None or teacher_cache is not None or args.teacher_cache_dir:
@@ -204,6 +209,7 @@ class DistillationTrainer(StreamTrackingMixin, Trainer):
         self.teacher = self._prepare_teacher(teacher) if teacher is not None and self.method.uses_teacher else None
         self.teacher_runner = TeacherRunner(self.teacher, self.teacher_adapter)
         self._setup_budget_and_warmup(indistill_teacher)
+        self.assistant_runners = [TeacherRunner(self._prepare_teacher(a), adapter_for(a)) for a in assistants]
         self.rdms = nn.ModuleDict({m: nn.ModuleList(r) for m, r in rdm_map.items()})
         self.rdms.to(self.args.device).eval().requires_grad_(False)
         self._term_sums: dict[str, torch.Tensor] = {}
@@ -217,6 +223,51 @@ class DistillationTrainer(StreamTrackingMixin, Trainer):
         from .data.cache import TeacherCache
 
         return TeacherCache(cache)
+
+    def _resolve_assistants(self, args, student, teacher, assistants, teacher_cache):
+        """TAKD: the last assistant becomes the teacher of this (last) link of the chain. DGKD: the assistants run
+        beside the teacher. Returns ``(teacher, assistants the trainer runs)``."""
+        mode = self.method.uses_assistants
+        if mode is None:
+            if assistants:
+                raise DistillationInputError(
+                    f"assistants=... were given but method {args.method!r} does not use teacher assistants "
+                    "(use method 'takd' or 'dgkd').")
+            return teacher, []
+        if not assistants:
+            raise DistillationInputError(
+                f"method {args.method!r} distils through teacher assistants: pass assistants=[...] (largest first), "
+                "trained e.g. with hf_cifd.assistants.train_assistants(...).")
+        n_student = self.student_adapter.num_classes(student)
+        for k, assistant in enumerate(assistants):
+            n = adapter_for(assistant).num_classes(assistant)
+            if n_student and n and n != n_student:
+                raise DistillationInputError(
+                    f"assistant {k} predicts {n} classes but the student {n_student}: every assistant needs the "
+                    "teacher's label space.")
+        if mode == "last":
+            if teacher_cache is not None or args.teacher_cache_dir:
+                raise DistillationInputError(
+                    "method 'takd' distils from the last assistant, but a teacher-output cache holds the teacher's "
+                    "outputs: drop the cache (or cache the last assistant's outputs and use method 'kd').")
+            return assistants[-1], []
+        if args.dgkd_drop_num >= 1 + len(assistants):
+            raise DistillationInputError(
+                f"dgkd_drop_num={args.dgkd_drop_num} would drop every one of the {1 + len(assistants)} teacher/assistant "
+                "KD terms: use a smaller dgkd_drop_num or more assistants.")
+        return teacher, assistants
+
+    def assistant_outputs(self, batch: Mapping[str, Any]) -> dict[str, list[Encoded]]:
+        """Each assistant's outputs for ``batch`` (no grad), as the ``guides`` of an assistant method."""
+        if not self.assistant_runners:
+            return {}
+        outs = [runner(_without_cached_teacher(batch)) for runner in self.assistant_runners]
+        return {m: outs for m in outs[0].embeddings}
+
+    @property
+    def assistant_calls(self) -> int:
+        """Samples the teacher assistants were run on by this process (summed over assistants)."""
+        return sum(r.calls for r in getattr(self, "assistant_runners", ()))
 
     def _teacher_dims(self, teacher) -> dict[str, int]:
         if teacher is not None:
@@ -355,8 +406,8 @@ class DistillationTrainer(StreamTrackingMixin, Trainer):
         if terms is None:
             teacher = self.teacher_outputs(inputs)
             student = model(**inputs)
-            terms = self.method.loss_terms(student, teacher, self.rdm_outputs(teacher), inputs,
-                                           self.accelerator.unwrap_model(model).extra)
+            guides = self.assistant_outputs(inputs) if self.method.uses_assistants == "all" else self.rdm_outputs(teacher)
+            terms = self.method.loss_terms(student, teacher, guides, inputs, self.accelerator.unwrap_model(model).extra)
         loss = total_loss(terms)
         if model.training:
             self._record(terms)
@@ -411,6 +462,9 @@ class DistillationTrainer(StreamTrackingMixin, Trainer):
             logs["indistill_pair"] = -1 if self.indistill.last_active is None else self.indistill.last_active
         calls = torch.tensor(float(self.teacher_calls), device=self.args.device)
         logs["teacher_calls"] = int(self.accelerator.reduce(calls, reduction="sum").item())
+        if self.assistant_runners:
+            calls = torch.tensor(float(self.assistant_calls), device=self.args.device)
+            logs["assistant_calls"] = int(self.accelerator.reduce(calls, reduction="sum").item())
         super().log(logs, start_time)
 
     # ------------------------------------------------------------------ saving
@@ -469,6 +523,12 @@ class DistillationTrainer(StreamTrackingMixin, Trainer):
             self.student_adapter.save(student, output_dir)
         if self.args.should_save:
             logger.info("Saved the %s student to %s", self.student_adapter.library, output_dir)
+
+
+def _without_cached_teacher(batch: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The batch minus cached teacher outputs: an assistant must run on the inputs, never read the teacher's cache."""
+    cached = {f"teacher_{m}_embedding" for m in embedding_fields(batch)} | {"teacher_logits", "teacher_logit_scale"}
+    return {k: v for k, v in batch.items() if k not in cached}
 
 
 def _is_stream(dataset) -> bool:

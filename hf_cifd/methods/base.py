@@ -38,6 +38,9 @@ class Method:
     task: str = "classification"
     uses_teacher: bool = True
     uses_rdms: bool = False
+    # Teacher assistants (DistillationTrainer(..., assistants=[...])): "all" = the trainer runs every assistant and
+    # passes their outputs as ``guides`` (DGKD); "last" = the last assistant replaces the teacher (TAKD's chain).
+    uses_assistants: str | None = None
     # The container maps the student embedding to the teacher's width (projector or IBM decoder).
     matches_embeddings: bool = False
     needs_labels: bool = True
@@ -57,6 +60,8 @@ class Method:
         batch: Mapping[str, Any],
         extra: nn.ModuleDict,
     ) -> dict[str, torch.Tensor]:
+        """``rdms``: per modality, the frozen RDMs' outputs (``uses_rdms``) or the teacher assistants' ``Encoded``
+        outputs (``uses_assistants == "all"``), largest first; both have ``.logits`` and an embedding."""
         raise NotImplementedError
 
 

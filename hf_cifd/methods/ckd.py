@@ -110,7 +110,7 @@ class WithComparativeKD(Method):
     def __init__(self, inner: Method):
         super().__init__(inner.config)
         self.inner = inner
-        for attr in ("name", "task", "uses_teacher", "uses_rdms", "needs_labels"):
+        for attr in ("name", "task", "uses_teacher", "uses_rdms", "uses_assistants", "needs_labels"):
             setattr(self, attr, getattr(inner, attr))
         self.matches_embeddings = inner.matches_embeddings or getattr(inner.config, "ckd_embedding_weight", 0.0) > 0
 

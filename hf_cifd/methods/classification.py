@@ -1,4 +1,4 @@
-"""Classification methods: plain student, KD, FitNet, RKD, CIFD (eq. 9/23). Comparative KD: see ckd.py."""
+"""Classification methods: plain student, KD, FitNet, RKD, PKT, TAKD, DGKD, CIFD (eq. 9/23). Comparative KD: ckd.py."""
 
 from __future__ import annotations
 
@@ -56,6 +56,42 @@ class RKD(Method):
         terms = losses.rkd_loss(student.encoded.embeddings["image"], teacher.embeddings["image"],
                                 distance_weight=c.rkd_distance_weight, angle_weight=c.rkd_angle_weight)
         return {**_ce(self, student, batch), **terms}
+
+
+@register_method
+class PKT(Method):
+    """Passalis & Tefas: CE + pkt_weight * PKT(student embedding, teacher embedding) (cosine kernels, no projector).
+    InDistill's final stage in every experiment of its paper: combine with ``indistill_layers``."""
+
+    name = "pkt"
+
+    def loss_terms(self, student, teacher, rdms, batch, extra):
+        pkt = losses.pkt_loss(student.encoded.embeddings["image"], teacher.embeddings["image"])
+        return {**_ce(self, student, batch), "pkt": self.config.pkt_weight * pkt}
+
+
+@register_method
+class TAKD(KD):
+    """Mirzadeh et al. 2020: the last link of a chain of plain KD runs teacher -> TA_1 -> ... -> TA_K -> student.
+    The trainer distils from the last assistant (``assistants=[...]``, trained by
+    :func:`hf_cifd.assistants.train_assistants` with ``procedure="takd"``); the loss is KD's."""
+
+    name, uses_assistants = "takd", "last"
+
+
+@register_method
+class DGKD(Method):
+    """Son et al. 2021: CE + KD from the teacher and from every assistant at once, dropping exactly
+    ``dgkd_drop_num`` of those KD terms per step (:func:`hf_cifd.losses.dgkd_loss`)."""
+
+    name, uses_assistants = "dgkd", "all"
+
+    def loss_terms(self, student, teacher, rdms, batch, extra):
+        c = self.config
+        return losses.dgkd_loss(
+            student.logits, batch.get("labels"), teacher.logits, [a.logits for a in rdms.get("image", [])],
+            lambda_ce=c.lambda_ce, lambda_kl=c.lambda_kl, temperature=c.temperature,
+            drop_num=c.dgkd_drop_num if student.training else 0)
 
 
 @register_method
