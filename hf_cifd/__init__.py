@@ -25,6 +25,7 @@ _EXPORTS = {
     "table8_assistants": "hf_cifd.assistants",
     "adapter_for": "hf_cifd.adapters",
     "DistillationInputError": "hf_cifd.checks",
+    "NonFiniteLossError": "hf_cifd.checks",
     "losses": "hf_cifd.losses",
     "SimpleCNN": "hf_cifd.models",
     "RecipeArguments": "hf_cifd.pipeline",

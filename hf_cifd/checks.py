@@ -15,6 +15,10 @@ class DistillationInputError(ValueError):
     """Bad input to hf_cifd: the message says what is wrong and how to fix it."""
 
 
+class NonFiniteLossError(FloatingPointError):
+    """A training step produced a non-finite loss term (``nonfinite_policy="stop"``); the message names it."""
+
+
 def check_positive(name: str, value: float) -> None:
     if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
         raise DistillationInputError(f"{name} must be a finite number > 0, got {value!r}.")

@@ -113,6 +113,15 @@ class DistillationConfig(TrainingArguments):
     )
     ckd_pool_size: int = field(default=100_000, metadata={"help": "Budget mode: size of the fixed pool of sample pairs."})
     ckd_seed: int | None = field(default=None, metadata={"help": "Budget mode: seed of the subset and pair pool (default: seed)."})
+    # --- failure handling (README: Resuming and failure handling) ---
+    nonfinite_policy: str = field(
+        default="stop", metadata={"help": "A step whose loss has a non-finite (NaN/inf) term: stop (raise an error "
+                                          "naming the term and the step) or skip (no parameter update; counted as "
+                                          "skipped_steps in the logs)."})
+    resume_partial: bool = field(
+        default=False, metadata={"help": "Resume from a checkpoint whose optimizer / scheduler / RNG / stream-state "
+                                         "file is missing or damaged, with fresh state for it (default: an error "
+                                         "naming the file)."})
 
     def __post_init__(self):
         # Checked before TrainingArguments sets up devices: a bad value fails in milliseconds.
@@ -150,6 +159,8 @@ class DistillationConfig(TrainingArguments):
         if self.rdm_weights is not None and len(self.rdm_weights) != self.num_rdms:
             raise DistillationInputError(f"rdm_weights needs {self.num_rdms} values (one per RDM), got {len(self.rdm_weights)}.")
         self._check_indistill_and_ckd()
+        if self.nonfinite_policy not in ("stop", "skip"):
+            raise DistillationInputError(f"nonfinite_policy must be 'stop' or 'skip', got {self.nonfinite_policy!r}.")
         # Distillation batches carry teacher inputs and cache keys that no model signature names.
         self.remove_unused_columns = False
         # Each process streams its own shards: accelerate's default (rank 0 reads and dispatches slices) does not

@@ -21,11 +21,11 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import enable_full_determinism, set_seed
 
 from .adapters import Encoded, ModelAdapter, adapter_for
-from .checks import DistillationInputError
+from .checks import DistillationInputError, NonFiniteLossError
 from .data import collate
 from .data.stats import StreamResumeCallback, StreamTrackingMixin
 from .config import DistillationConfig
@@ -91,11 +91,9 @@ def _sample_fields(dataset) -> set[str] | None:
         if processor is not None:  # load_image_dataset: classification streams always yield labels
             return {"labels"} if processor.task == "classification" else {"pixel_values", "text"}
         return set(dataset.column_names) if dataset.column_names else None
-    try:
-        if hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__") and len(dataset):
-            return set(dataset[0])
-    except Exception:  # an exotic dataset: the per-batch checks still apply
-        pass
+    if hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__") and len(dataset):
+        first = dataset[0]
+        return set(first) if isinstance(first, Mapping) else None
     return None
 
 
@@ -195,11 +193,14 @@ class DistillationTrainer(StreamTrackingMixin, Trainer):
             from .data.cache import CachedTeacherCollator
 
             data_collator = CachedTeacherCollator(self.teacher_cache, data_collator)
+        data_collator = self._checked_collator(data_collator, model)
         # A callable(student) -> {metric: value} run by evaluate(), e.g. hf_cifd.clip_eval.CLIPEvaluator (CLIP).
         self.evaluator = evaluator
         if compute_metrics is None and self.student_adapter.task == "classification":
             compute_metrics = accuracy_metrics
         callbacks = list(kwargs.pop("callbacks", None) or [])
+        self._nonfinite = _NonFiniteGuard(args.nonfinite_policy)
+        callbacks.append(self._nonfinite)
         if _is_stream(train_dataset) and not any(isinstance(c, StreamResumeCallback) for c in callbacks):
             # Saves the stream position in each checkpoint and restores it on resume (no repeats, no skips).
             callbacks.append(StreamResumeCallback(dataset=train_dataset))
@@ -214,6 +215,10 @@ class DistillationTrainer(StreamTrackingMixin, Trainer):
         self.rdms.to(self.args.device).eval().requires_grad_(False)
         self._term_sums: dict[str, torch.Tensor] = {}
         self._term_count = 0
+        if args.nonfinite_policy == "skip" and self.is_deepspeed_enabled:
+            raise DistillationInputError(
+                "nonfinite_policy='skip' drops a step's gradients before the optimizer step, which DeepSpeed's engine "
+                "does not allow: use nonfinite_policy='stop' with DeepSpeed.")
 
     # ------------------------------------------------------------------ set-up
     @staticmethod
@@ -312,6 +317,11 @@ class DistillationTrainer(StreamTrackingMixin, Trainer):
                         f"RDM {i} ({modality}) was trained for a teacher embedding of width {rdm.embed_dim}, but this "
                         f"teacher's is {width}: train RDMs on this teacher's embeddings."
                     )
+        if train_dataset is not None and not _is_stream(train_dataset):
+            from .data.validate import check_dataset
+
+            check_dataset(train_dataset, num_classes=self.student_adapter.num_classes(student),
+                          needs_labels=task == "classification" and self.method.needs_labels)
         if task == "classification" and self.method.needs_labels:
             fields = _sample_fields(train_dataset)
             if fields is not None and not ({"labels", "label"} & fields):
@@ -324,6 +334,15 @@ class DistillationTrainer(StreamTrackingMixin, Trainer):
             if keys is not None:
                 self.teacher_cache.check_covers(keys)
         return rdm_map
+
+    def _checked_collator(self, data_collator, student):
+        """Every batch (streams included) is checked on the CPU where it is collated: data/validate.py."""
+        from .data.validate import CheckedCollator
+
+        required = ["pixel_values"]
+        if self.student_adapter.task == "classification" and self.method.needs_labels:
+            required.append("labels")
+        return CheckedCollator(data_collator, num_classes=self.student_adapter.num_classes(student), required=required)
 
     def _prepare_teacher(self, teacher: nn.Module) -> nn.Module:
         teacher.eval().requires_grad_(False)
@@ -446,6 +465,13 @@ class DistillationTrainer(StreamTrackingMixin, Trainer):
 
     # ------------------------------------------------------------------ logging
     def _record(self, terms: Mapping[str, torch.Tensor]) -> None:
+        names = list(terms)
+        values = torch.stack([terms[n].detach().float().reshape(()) for n in names])
+        finite = torch.isfinite(values)
+        if not bool(finite.all()):  # the step's one host synchronisation for this check
+            bad = {n: v for n, v, ok in zip(names, values.tolist(), finite.tolist()) if not ok}
+            self._nonfinite.found(bad, self.state.global_step + 1)
+            return  # a skipped step's terms stay out of the logged means
         for name, value in terms.items():
             value = value.detach().float()
             self._term_sums[name] = self._term_sums[name] + value if name in self._term_sums else value
@@ -465,6 +491,8 @@ class DistillationTrainer(StreamTrackingMixin, Trainer):
         if self.assistant_runners:
             calls = torch.tensor(float(self.assistant_calls), device=self.args.device)
             logs["assistant_calls"] = int(self.accelerator.reduce(calls, reduction="sum").item())
+        if self.args.nonfinite_policy == "skip" and "loss" in logs:
+            logs["skipped_steps"] = self._nonfinite.skipped
         super().log(logs, start_time)
 
     # ------------------------------------------------------------------ saving
@@ -529,6 +557,34 @@ def _without_cached_teacher(batch: Mapping[str, Any]) -> Mapping[str, Any]:
     """The batch minus cached teacher outputs: an assistant must run on the inputs, never read the teacher's cache."""
     cached = {f"teacher_{m}_embedding" for m in embedding_fields(batch)} | {"teacher_logits", "teacher_logit_scale"}
     return {k: v for k, v in batch.items() if k not in cached}
+
+
+class _NonFiniteGuard(TrainerCallback):
+    """``nonfinite_policy``: "stop" raises at the first non-finite loss term; "skip" drops the gradients of the
+    optimizer step that contains it (every rank agrees: one all-reduce per step), so no parameter moves."""
+
+    def __init__(self, policy: str):
+        self.policy, self.pending, self.skipped = policy, False, 0
+
+    def found(self, terms: dict[str, float], step: int) -> None:
+        named = ", ".join(f"{n}={v}" for n, v in terms.items())
+        if self.policy == "stop":
+            raise NonFiniteLossError(
+                f"step {step}: non-finite loss term(s) {named}. Nothing was updated with it. Look for a diverging "
+                "learning rate, NaN/inf inputs or teacher outputs; set nonfinite_policy='skip' to skip such steps.")
+        logger.warning("step %d: non-finite loss term(s) %s: skipping this optimizer step", step, named)
+        self.pending = True
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        if self.policy != "skip":
+            return
+        flag = torch.tensor(float(self.pending), device=args.device)
+        if args.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if flag.item() > 0:
+            optimizer.zero_grad(set_to_none=True)  # no gradient: SGD and Adam leave those parameters unchanged
+            self.skipped += 1
+        self.pending = False
 
 
 def _is_stream(dataset) -> bool:
