@@ -7,6 +7,7 @@ the fix, so that bad input fails before expensive work starts.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -62,4 +63,17 @@ def check_labels(labels: torch.Tensor, num_classes: int) -> None:
         raise DistillationInputError(
             f"labels must lie in [0, {num_classes - 1}] for {num_classes} classes, got values in "
             f"[{labels.min().item()}, {labels.max().item()}]. Check the label column or num_classes."
+        )
+
+
+def check_world_size(num_processes: int) -> None:
+    """Stops a process started as one of several (``WORLD_SIZE`` > 1, set by torchrun / accelerate launch) whose
+    accelerator sees a single process: each would silently train its own copy of the run."""
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if launched > 1 and num_processes == 1:
+        raise DistillationInputError(
+            f"this process was started as one of WORLD_SIZE={launched} processes, but its accelerator sees a single "
+            "process, so every process would train its own independent copy of the run. On a machine without GPUs, "
+            "set ACCELERATE_USE_CPU=1 in the launch environment (or use_cpu=True / --use_cpu) so that the processes "
+            "join over gloo; with GPUs, check that each process sees its GPU (CUDA_VISIBLE_DEVICES)."
         )

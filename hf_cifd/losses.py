@@ -199,13 +199,13 @@ def _kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature:
     return kl * temperature**2
 
 
-def _distortion(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+def _distortion(pred: torch.Tensor, target: torch.Tensor, kind: str, per_sample: bool = False) -> torch.Tensor:
     pred, target = _upcast(pred), _upcast(target.detach())
     if kind == "mse":
         per_element = (pred - target).pow(2)
     else:
         per_element = F.smooth_l1_loss(pred, target, reduction="none", beta=1.0)
-    return per_element.mean()
+    return per_element.flatten(1).mean(1) if per_sample else per_element.mean()
 
 
 def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -316,16 +316,18 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return _kd(student_logits, teacher_logits, temperature)
 
 
-def embedding_distortion(pred: torch.Tensor, target: torch.Tensor, kind: str = "mse") -> torch.Tensor:
+def embedding_distortion(pred: torch.Tensor, target: torch.Tensor, kind: str = "mse", *,
+                         per_sample: bool = False) -> torch.Tensor:
     """Embedding distortion ``D(pred, target)`` of eqs. (4), (8), (12), (23).
 
     ``kind="mse"``: ``||pred - target||_2^2``; ``kind="smooth_l1"``: element-wise smooth-L1 (beta=1),
     the ImageNet variant of the paper (appendix A.2). Reduction: MEAN over all elements (``||.||^2 / dim``
-    averaged over the batch; see the module docstring for why). ``target`` is detached.
+    averaged over the batch; see the module docstring for why); ``per_sample=True``: one value per sample
+    (``(N,)``, whose mean is the default result). ``target`` is detached.
     """
     _check_kind(kind)
     _check_matching("pred", pred, "target", target, exact_dim=None)
-    return _distortion(pred, target, kind)
+    return _distortion(pred, target, kind, per_sample)
 
 
 def rate_distortion_loss(

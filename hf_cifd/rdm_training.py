@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from . import losses
 from .adapters import ModelAdapter
-from .checks import DistillationInputError, check_positive
+from .checks import DistillationInputError, check_positive, check_world_size
 from .data.collate import collate as default_collate
 from .modules import RateDistortionModule
 from .teacher import TeacherRunner, embedding_fields
@@ -131,6 +131,7 @@ def train_rdms(
     if teacher is None and teacher_cache is None:
         raise DistillationInputError("train_rdms needs a teacher or a teacher-output cache (teacher_cache=...).")
     accelerator = accelerator or Accelerator()
+    check_world_size(accelerator.num_processes)
     set_seed(seed)
     collate = collate_fn or default_collate
     if teacher_cache is not None:
@@ -211,11 +212,15 @@ def train_rdms(
 
 @torch.no_grad()
 def evaluate_rdms(rdms, dataset, runner: TeacherRunner, collate, batch_size, accelerator):
-    """Rate (bits/sample), distortion and accuracy of each RDM in inference mode (rounding), + the teacher's."""
+    """Rate (bits/sample), distortion and accuracy of each RDM in inference mode (rounding), + the teacher's.
+
+    Every process scores its share of ``dataset``; the per-sample values are gathered (``gather_for_metrics``,
+    which drops the samples repeated to even out the last batch), so the metrics cover the whole set (``samples``).
+    """
     loader = accelerator.prepare(DataLoader(dataset, batch_size=batch_size, collate_fn=collate))
-    sums: dict[tuple[str, int], dict[str, float]] = {}
-    teacher_correct = count = 0
-    teacher_scored = False
+    keys = [(m, i) for m, mods in rdms.items() for i in range(len(mods))]
+    columns: list[torch.Tensor] = []  # per batch: (N, 1 + 4 * len(keys)) gathered rows
+    has_labels = has_teacher_logits = False
     for mods in rdms.values():
         for rdm in mods:
             rdm.eval()
@@ -223,35 +228,34 @@ def evaluate_rdms(rdms, dataset, runner: TeacherRunner, collate, batch_size, acc
         teacher_out = runner(batch)
         labels = batch.get("labels")
         n = next(iter(teacher_out.embeddings.values())).shape[0]
-        count += n
-        if labels is not None and teacher_out.logits is not None:
-            teacher_correct += (teacher_out.logits.argmax(-1) == labels).sum().item()
-            teacher_scored = True
-        for m, mods in rdms.items():
-            x = teacher_out.embeddings[m].float()
-            for i, rdm in enumerate(mods):
-                out = rdm(x)
-                row = sums.setdefault((m, i), {"rate_bits": 0.0, "distortion": 0.0, "correct": 0.0, "agree": 0.0})
-                row["rate_bits"] += out.rate.sum().item()
-                row["distortion"] += losses.embedding_distortion(out.embedding, x, rdm.distortion).item() * n
-                if out.logits is not None and labels is not None:
-                    row["correct"] += (out.logits.argmax(-1) == labels).sum().item()
-                if out.logits is not None and teacher_out.logits is not None:
-                    row["agree"] += (out.logits.argmax(-1) == teacher_out.logits.argmax(-1)).sum().item()
+        has_labels, has_teacher_logits = labels is not None, teacher_out.logits is not None
+        nan = torch.full((n,), float("nan"), device=accelerator.device)
+        teacher_pred = teacher_out.logits.argmax(-1) if has_teacher_logits else None
+        row = [(teacher_pred == labels).float() if has_labels and has_teacher_logits else nan]
+        for m, i in keys:
+            rdm, x = rdms[m][i], teacher_out.embeddings[m].float()
+            out = rdm(x)
+            pred = out.logits.argmax(-1) if out.logits is not None else None
+            row += [out.rate.float(), losses.embedding_distortion(out.embedding, x, rdm.distortion, per_sample=True),
+                    (pred == labels).float() if pred is not None and has_labels else nan,
+                    (pred == teacher_pred).float() if pred is not None and has_teacher_logits else nan]
+        columns.append(accelerator.gather_for_metrics(torch.stack(row, dim=1)))
+    table = torch.cat(columns).double().cpu()
+    count = table.shape[0]
     metrics = []
-    for (m, i), row in sums.items():
+    for j, (m, i) in enumerate(keys):
         rdm = rdms[m][i]
-        has_head = rdm.head is not None and teacher_out.logits is not None
+        rate, distortion, correct, agree = table[:, 1 + 4 * j: 5 + 4 * j].mean(0).tolist()
+        has_head = rdm.head is not None and has_teacher_logits
         metrics.append({
-            "modality": m, "index": i, "rate_weight": rdm.rate_weight,
-            "rate_bits": row["rate_bits"] / count, "distortion": row["distortion"] / count,
-            "accuracy": 100.0 * row["correct"] / count if has_head and labels is not None else None,
-            "teacher_agreement": 100.0 * row["agree"] / count if has_head else None,
+            "modality": m, "index": i, "rate_weight": rdm.rate_weight, "rate_bits": rate, "distortion": distortion,
+            "accuracy": 100.0 * correct if has_head and has_labels else None,
+            "teacher_agreement": 100.0 * agree if has_head else None, "samples": count,
         })
     for mods in rdms.values():
         for rdm in mods:
             rdm.train()
-    teacher_acc = 100.0 * teacher_correct / count if teacher_scored else None
+    teacher_acc = 100.0 * table[:, 0].mean().item() if has_labels and has_teacher_logits else None
     return metrics, teacher_acc
 
 

@@ -25,7 +25,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import enable_full_determinism, set_seed
 
 from .adapters import Encoded, ModelAdapter, adapter_for
-from .checks import DistillationInputError, NonFiniteLossError
+from .checks import DistillationInputError, NonFiniteLossError, check_world_size
 from .data import collate
 from .data.stats import StreamResumeCallback, StreamTrackingMixin
 from .config import DistillationConfig
@@ -140,6 +140,7 @@ class DistillationTrainer(StreamTrackingMixin, Trainer):
         args = args if args is not None else DistillationConfig(output_dir="outputs/distill")
         if not isinstance(args, DistillationConfig):
             raise DistillationInputError("args must be a DistillationConfig (it subclasses TrainingArguments).")
+        check_world_size(args.world_size)
         # Trainer seeds in its __init__, after the IBM / projectors below are created: seed them the same way.
         enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
         self.student_adapter = student_adapter or adapter_for(model)
