@@ -83,6 +83,11 @@ class DistillationConfig(TrainingArguments):
     teacher_cache_dir: str | None = field(
         default=None, metadata={"help": "Directory of a teacher-output cache (hf-cifd cache-teacher): the teacher never runs."}
     )
+    rdm_output_cache: bool = field(
+        default=True, metadata={"help": "With a teacher-output cache: run the frozen RDMs once per cached sample before "
+                                        "training (outputs kept in a temporary directory, 4 bytes x (embedding + "
+                                        "classes) x RDMs per sample) instead of at every step; same losses."}
+    )
     # --- InDistill warm-up / Comparative KD ---
     indistill_layers: list[str] | None = field(
         default=None,

@@ -214,6 +214,7 @@ class DistillationTrainer(StreamTrackingMixin, Trainer):
         self.assistant_runners = [TeacherRunner(self._prepare_teacher(a), adapter_for(a)) for a in assistants]
         self.rdms = nn.ModuleDict({m: nn.ModuleList(r) for m, r in rdm_map.items()})
         self.rdms.to(self.args.device).eval().requires_grad_(False)
+        self._rdm_cache_dir = self._cache_rdm_outputs()
         self._term_sums: dict[str, torch.Tensor] = {}
         self._term_count = 0
         if args.nonfinite_policy == "skip" and self.is_deepspeed_enabled:
@@ -370,9 +371,31 @@ class DistillationTrainer(StreamTrackingMixin, Trainer):
         """The teacher's outputs for ``batch``: read from cached fields when present, else computed (no grad)."""
         return self.teacher_runner(batch) if self.method.uses_teacher else None
 
-    def rdm_outputs(self, teacher: Encoded | None) -> dict[str, list]:
+    def _cache_rdm_outputs(self):
+        """With a teacher-output cache, the frozen RDMs run once per cached sample here instead of once per step
+        (data/rdm_cache.py); returns the temporary directory holding their outputs (None: RDMs run per step)."""
+        if not (self.args.rdm_output_cache and self.teacher_cache is not None and self.method.uses_rdms
+                and any(len(mods) for mods in self.rdms.values())):
+            return None
+        from .data.rdm_cache import CachedRDMCollator, compute_rdm_outputs, temporary_rdm_cache_dir
+
+        directory = temporary_rdm_cache_dir()
+        table = compute_rdm_outputs(self.rdms, self.teacher_cache, directory.name, device=self.args.device,
+                                    batch_size=max(self.args.per_device_eval_batch_size, 256),
+                                    context=self.compute_loss_context_manager)
+        self.data_collator = CachedRDMCollator(table, self.data_collator)
+        return directory
+
+    def rdm_outputs(self, teacher: Encoded | None, batch: Mapping[str, Any] | None = None) -> dict[str, list]:
+        """Each frozen RDM's output for the teacher embedding: read from the batch when cached, else computed."""
         if teacher is None or not self.method.uses_rdms:
             return {}
+        if batch is not None and self._rdm_cache_dir is not None:
+            from .data.rdm_cache import cached_rdm_outputs
+
+            cached = cached_rdm_outputs(batch, self.rdms)
+            if cached is not None:
+                return cached
         with torch.no_grad():
             # The student loss reads the RDMs' embeddings and logits, never their rates.
             return {m: [rdm(teacher.embeddings[m], with_rate=False) for rdm in mods] for m, mods in self.rdms.items()}
@@ -421,13 +444,20 @@ class DistillationTrainer(StreamTrackingMixin, Trainer):
             terms = student_only_terms(self.args, student, inputs)
         return terms, student
 
+    def _unwrapped(self, model: nn.Module) -> DistillationModel:
+        # accelerate's unwrap_model reads package metadata (is_deepspeed_available) on every call: ~1 ms a step.
+        if getattr(self, "_unwrap_memo", (None,))[0] is not model:
+            self._unwrap_memo = (model, self.accelerator.unwrap_model(model))
+        return self._unwrap_memo[1]
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         terms, student = self._stage_terms(model, inputs)
         if terms is None:
             teacher = self.teacher_outputs(inputs)
             student = model(**inputs)
-            guides = self.assistant_outputs(inputs) if self.method.uses_assistants == "all" else self.rdm_outputs(teacher)
-            terms = self.method.loss_terms(student, teacher, guides, inputs, self.accelerator.unwrap_model(model).extra)
+            guides = (self.assistant_outputs(inputs) if self.method.uses_assistants == "all"
+                      else self.rdm_outputs(teacher, inputs))
+            terms = self.method.loss_terms(student, teacher, guides, inputs, self._unwrapped(model).extra)
         loss = total_loss(terms)
         if model.training:
             self._record(terms)
