@@ -40,7 +40,7 @@ class DistillationConfig(TrainingArguments):
         default=100.0, metadata={"help": "Weight of the embedding-matching terms ||U_S - U_T||^2 (+ RDM terms); fitnet's weight too."}
     )
     embedding_distortion: str = field(
-        default="smooth_l1", metadata={"help": "Distortion for embedding matching: mse or smooth_l1 (summed over dims)."}
+        default="smooth_l1", metadata={"help": "Distortion for embedding matching: mse or smooth_l1 (mean over elements: ||a - b||^2 / dim, batch mean)."}
     )
     projector_layers: int = field(default=1, metadata={"help": "Linear layers mapping student to teacher embedding width (1 or 2)."})
     # --- CIFD: rate-distortion modules ------------------------------------------------------------------------
@@ -60,7 +60,10 @@ class DistillationConfig(TrainingArguments):
     # --- CIFD: information bottleneck on the student ----------------------------------------------------------
     use_ibm: bool = field(default=True, metadata={"help": "Information Bottleneck Module on the student (training only)."})
     lambda_ibm: float = field(default=0.001, metadata={"help": "lambda_I: weight of the IBM rate -log2 r(W^) (eq. 7/9)."})
-    ibm_decoder_layers: int = field(default=1, metadata={"help": "Linear layers of the IBM decoder (1 or 2)."})
+    ibm_decoder_layers: int | None = field(
+        default=None, metadata={"help": "Linear layers of the IBM decoder (0 = identity, 1 or 2). Default: 0 when the "
+                                        "student and teacher embeddings have the same width (the paper projects only "
+                                        "on a mismatch), else 1."})
     # --- baselines ----------------------------------------------------------------------------------------------
     rkd_distance_weight: float = field(default=25.0, metadata={"help": "RKD distance-term weight (Park et al.)."})
     rkd_angle_weight: float = field(default=50.0, metadata={"help": "RKD angle-term weight (Park et al.)."})
@@ -149,8 +152,12 @@ class DistillationConfig(TrainingArguments):
             raise DistillationInputError(f"kd_dropout is a probability in [0, 1), got {self.kd_dropout!r}.")
         if self.embedding_distortion not in DISTORTIONS:
             raise DistillationInputError(f"embedding_distortion must be one of {DISTORTIONS}, got {self.embedding_distortion!r}.")
-        if self.projector_layers not in (1, 2) or self.ibm_decoder_layers not in (1, 2):
-            raise DistillationInputError("projector_layers and ibm_decoder_layers must be 1 or 2.")
+        if self.projector_layers not in (1, 2):
+            raise DistillationInputError(f"projector_layers must be 1 or 2, got {self.projector_layers!r}.")
+        if self.ibm_decoder_layers not in (None, 0, 1, 2):
+            raise DistillationInputError(
+                f"ibm_decoder_layers must be 0 (identity), 1 or 2 (or unset: 0 on equal widths, else 1), got "
+                f"{self.ibm_decoder_layers!r}.")
         self.rdm_rates = [float(r) for r in self.rdm_rates]
         if self.num_rdms < 0:
             raise DistillationInputError(f"num_rdms must be >= 0, got {self.num_rdms}.")
@@ -159,8 +166,9 @@ class DistillationConfig(TrainingArguments):
                 f"rdm_rates has {len(self.rdm_rates)} values for num_rdms={self.num_rdms}: give one rate R per RDM "
                 "(e.g. --num_rdms 3 --rdm_rates 1e4 5e3 1e3)."
             )
-        if any(not (math.isfinite(r) and r > 0) for r in self.rdm_rates):
-            raise DistillationInputError(f"every RDM rate weight R must be > 0, got {self.rdm_rates}.")
+        if any(not (math.isfinite(r) and r >= 0) for r in self.rdm_rates):
+            raise DistillationInputError(
+                f"every RDM rate weight R must be >= 0 (0: no distortion term), got {self.rdm_rates}.")
         if self.rdm_weights is not None and len(self.rdm_weights) != self.num_rdms:
             raise DistillationInputError(f"rdm_weights needs {self.num_rdms} values (one per RDM), got {len(self.rdm_weights)}.")
         self._check_indistill_and_ckd()

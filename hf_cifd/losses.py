@@ -331,25 +331,30 @@ def embedding_distortion(pred: torch.Tensor, target: torch.Tensor, kind: str = "
 
 
 def rate_distortion_loss(
-    x: torch.Tensor, x_hat: torch.Tensor, rate_bits: torch.Tensor, rate_weight: float, distortion: str = "mse"
+    x: torch.Tensor, x_hat: torch.Tensor | None, rate_bits: torch.Tensor, rate_weight: float, distortion: str = "mse"
 ) -> dict[str, torch.Tensor]:
     """RDM rate-distortion objective, eq. (4): ``R * D(X, X^) - log q(Y^)``.
 
-    Returns ``{"distortion": R * D(x_hat, x), "rate": mean(rate_bits)}`` where ``R = rate_weight`` (> 0)
+    Returns ``{"distortion": R * D(x_hat, x), "rate": mean(rate_bits)}`` where ``R = rate_weight`` (>= 0)
     and ``D`` is :func:`embedding_distortion` (mean over elements). ``rate_bits`` is
     ``-log2 q(Y^)`` per sample, shape ``(N,)``, averaged over the batch. The paper's ``-log q`` in nats
-    is ``ln 2`` times this; the difference is a rescaling of ``R``.
+    is ``ln 2`` times this; the difference is a rescaling of ``R``. ``R = 0`` (with ``x_hat`` None: an RDM
+    without reconstruction, CIFD A.1.1) drops the distortion term: ``{"rate": ...}`` only.
     """
-    check_positive("rate_weight", rate_weight)
+    _check_non_negative("rate_weight", rate_weight)
     _check_kind(distortion)
-    _check_matching("x_hat", x_hat, "x", x, exact_dim=None)
     _check_rate("rate_bits", rate_bits, "x", x)
+    if x_hat is None or rate_weight == 0:
+        if x_hat is None and rate_weight != 0:
+            raise DistillationInputError(f"x_hat is None (no reconstruction) but rate_weight R = {rate_weight}: use R = 0.")
+        return {"rate": _mean_rate(rate_bits)}
+    _check_matching("x_hat", x_hat, "x", x, exact_dim=None)
     return {"distortion": rate_weight * _distortion(x_hat, x, distortion), "rate": _mean_rate(rate_bits)}
 
 
 def rdm_loss(
     x: torch.Tensor,
-    x_hat: torch.Tensor,
+    x_hat: torch.Tensor | None,
     rate_bits: torch.Tensor,
     rate_weight: float,
     distortion: str = "mse",
@@ -448,13 +453,16 @@ def cifd_loss(
     lambda_kl: float = 1.0,
     rdm_weights: Sequence[float] | None = None,
     embedding_weight: float = 100.0,
-    lambda_ibm: float = 0.005,
+    lambda_ibm: float = 0.001,
     temperature: float = 2.0,
-    distortion: str = "mse",
+    distortion: str = "smooth_l1",
     kd_dropout: float = 0.25,
     generator: torch.Generator | None = None,
 ) -> dict[str, torch.Tensor]:
     """CIFD student objective, eqs. (9)/(23) (with eq. (8) as its embedding part).
+
+    Defaults = :class:`hf_cifd.DistillationConfig`'s, the paper's ImageNet setting (A.2): lambda_I 0.001, smooth-L1;
+    its CIFAR setting (A.1.2) is ``lambda_ibm=0.005, distortion="mse"``.
 
     Terms (each already weighted, each a scalar; sum them with :func:`total_loss`):
 
@@ -462,7 +470,7 @@ def cifd_loss(
     * ``"kd_teacher"`` = ``lambda_kl * KD(teacher || student)``; ``"kd_rdm_{n}"`` =
       ``lambda_kl * lambda_n * KD(RDM_n || student)``, KD = :func:`kd_loss` at ``temperature`` (batchmean)
     * ``"emb_teacher"`` = ``embedding_weight * D(U_S, U_T)``; ``"emb_rdm_{n}"`` =
-      ``embedding_weight * lambda_n * D(U_S, U_n)``, D = :func:`embedding_distortion` (sum dims, mean batch)
+      ``embedding_weight * lambda_n * D(U_S, U_n)``, D = :func:`embedding_distortion` (element mean)
     * ``"ibm_rate"`` = ``lambda_ibm * mean(ibm_rate_bits)`` (IBM rate ``-log2 r(W^)`` per sample)
 
     ``student_embedding`` is the student embedding after projection / IBM decoding, with the teacher's
@@ -543,7 +551,7 @@ def cifd_modality_loss(
     ibm_rate_bits: torch.Tensor | None = None,
     *,
     rdm_weights: Sequence[float] | None = None,
-    lambda_ibm: float = 0.005,
+    lambda_ibm: float = 0.001,
     distortion: str = "mse",
 ) -> dict[str, torch.Tensor]:
     """Per-modality CIFD loss for CLIP distillation, eq. (12).

@@ -236,7 +236,9 @@ def evaluate_rdms(rdms, dataset, runner: TeacherRunner, collate, batch_size, acc
             rdm, x = rdms[m][i], teacher_out.embeddings[m].float()
             out = rdm(x)
             pred = out.logits.argmax(-1) if out.logits is not None else None
-            row += [out.rate.float(), losses.embedding_distortion(out.embedding, x, rdm.distortion, per_sample=True),
+            distortion = (losses.embedding_distortion(out.embedding, x, rdm.distortion, per_sample=True)
+                          if out.embedding is not None else nan)  # reconstruction="none": no X^
+            row += [out.rate.float(), distortion,
                     (pred == labels).float() if pred is not None and has_labels else nan,
                     (pred == teacher_pred).float() if pred is not None and has_teacher_logits else nan]
         columns.append(accelerator.gather_for_metrics(torch.stack(row, dim=1)))
@@ -248,7 +250,8 @@ def evaluate_rdms(rdms, dataset, runner: TeacherRunner, collate, batch_size, acc
         rate, distortion, correct, agree = table[:, 1 + 4 * j: 5 + 4 * j].mean(0).tolist()
         has_head = rdm.head is not None and has_teacher_logits
         metrics.append({
-            "modality": m, "index": i, "rate_weight": rdm.rate_weight, "rate_bits": rate, "distortion": distortion,
+            "modality": m, "index": i, "rate_weight": rdm.rate_weight, "rate_bits": rate,
+            "distortion": distortion if rdm.reconstruction != "none" else None,
             "accuracy": 100.0 * correct if has_head and has_labels else None,
             "teacher_agreement": 100.0 * agree if has_head else None, "samples": count,
         })

@@ -183,7 +183,8 @@ class DistillationTrainer(StreamTrackingMixin, Trainer):
         if self.method.matches_embeddings and teacher_dims:
             for modality, dim in student_dims.items():
                 if args.use_ibm and self.method.uses_rdms:
-                    ibms[modality] = InformationBottleneck(dim, teacher_dims[modality], args.ibm_decoder_layers)
+                    ibms[modality] = InformationBottleneck(dim, teacher_dims[modality],
+                                                           _ibm_decoder_layers(args, modality, dim, teacher_dims[modality]))
                 else:
                     projectors[modality] = Projector(dim, teacher_dims[modality], args.projector_layers)
         container = DistillationModel(model, self.student_adapter, ibms, projectors,
@@ -582,6 +583,18 @@ class DistillationTrainer(StreamTrackingMixin, Trainer):
             self.student_adapter.save(student, output_dir)
         if self.args.should_save:
             logger.info("Saved the %s student to %s", self.student_adapter.library, output_dir)
+
+
+def _ibm_decoder_layers(args, modality: str, dim: int, teacher_dim: int) -> int:
+    """The paper decodes the IBM's W^ with a projection only "in case of a dimensionality mismatch"."""
+    layers = args.ibm_decoder_layers
+    if layers is None:
+        return 0 if dim == teacher_dim else 1
+    if layers == 0 and dim != teacher_dim:
+        raise DistillationInputError(
+            f"ibm_decoder_layers=0 (identity) needs equal widths, but the student's {modality} embedding is {dim} wide "
+            f"and the teacher's {teacher_dim}: use 1 or 2 (or leave it unset).")
+    return layers
 
 
 def _without_cached_teacher(batch: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -244,7 +244,7 @@ def test_cifd_without_rdms_is_ce_plus_kd_plus_embedding():
     expected = (ref_ce(S_LOGITS, LABELS) + ref_kd(S_LOGITS, T_LOGITS, 2.0)
                 + 100.0 * ref_sq_dist(EMB_S, EMB_T))
     for seed in range(20):  # default kd_dropout=0.25 must not drop the only teacher
-        terms = L.cifd_loss(**cifd_inputs(rdms=False), generator=torch.Generator().manual_seed(seed))
+        terms = L.cifd_loss(**cifd_inputs(rdms=False), distortion="mse", generator=torch.Generator().manual_seed(seed))
         assert set(terms) == {"ce", "kd_teacher", "emb_teacher"}
         assert L.total_loss(terms).item() == pytest.approx(expected, rel=1e-10)
 
@@ -253,7 +253,7 @@ def test_cifd_full_objective_term_by_term():
     rate = [4.0, 6.0]
     terms = L.cifd_loss(
         **cifd_inputs(), ibm_rate_bits=t64(rate), lambda_ce=0.7, lambda_kl=2.0, rdm_weights=[0.5, 0.25],
-        embedding_weight=10.0, lambda_ibm=0.01, temperature=3.0, kd_dropout=0.0,
+        embedding_weight=10.0, lambda_ibm=0.01, temperature=3.0, kd_dropout=0.0, distortion="mse",
     )
     expected = {
         "ce": 0.7 * ref_ce(S_LOGITS, LABELS),
@@ -303,7 +303,7 @@ def test_cifd_kd_dropout_zeroes_both_terms_of_a_source():
 
 def test_cifd_embedding_only_use():
     terms = L.cifd_loss(None, None, None, None, t64(EMB_S), t64(EMB_T), [t64(EMB_R0)],
-                        ibm_rate_bits=t64([1.0, 3.0]), kd_dropout=0.0, lambda_ibm=0.5)
+                        ibm_rate_bits=t64([1.0, 3.0]), kd_dropout=0.0, lambda_ibm=0.5, distortion="mse")
     assert set(terms) == {"emb_teacher", "emb_rdm_0", "ibm_rate"}
     assert terms["emb_rdm_0"].item() == pytest.approx(100.0 * ref_sq_dist(EMB_S, EMB_R0))
     assert terms["ibm_rate"].item() == pytest.approx(1.0)
@@ -317,7 +317,7 @@ def test_cifd_sgd_reduces_total():
     def terms():
         return L.cifd_loss(
             logits, torch.tensor(LABELS), torch.tensor(T_LOGITS), [torch.tensor(R0_LOGITS)],
-            emb, torch.tensor(EMB_T), [torch.tensor(EMB_R0)], embedding_weight=1.0, kd_dropout=0.0,
+            emb, torch.tensor(EMB_T), [torch.tensor(EMB_R0)], embedding_weight=1.0, kd_dropout=0.0, distortion="mse",
         )
 
     first, last = sgd_reduces(lambda: L.total_loss(terms()), [logits, emb], steps=300, lr=0.6)
@@ -529,7 +529,8 @@ BAD_INPUTS = {
     "distortion kind": (lambda: L.embedding_distortion(_x(), _x(), kind="l1"), "distortion kind must be one of"),
     "distortion width": (lambda: L.embedding_distortion(_x(2, 3), _x(2, 2)), r"target must have shape \(batch, 3\)"),
     "distortion inf": (lambda: L.embedding_distortion(_x(), _x(fill=float("inf"))), "target contains 6 non-finite"),
-    "rate_weight 0": (lambda: L.rate_distortion_loss(_x(), _x(), t64([1.0, 1.0]), 0.0), "rate_weight must be"),
+    "rate_weight <0": (lambda: L.rate_distortion_loss(_x(), _x(), t64([1.0, 1.0]), -1.0), "rate_weight must be"),
+    "no x_hat with R > 0": (lambda: L.rate_distortion_loss(_x(), None, t64([1.0, 1.0]), 1.0), "use R = 0"),
     "rate shape": (lambda: L.rate_distortion_loss(_x(), _x(), _x(2, 1), 1.0), "bits per sample of shape"),
     "rate batch": (lambda: L.rate_distortion_loss(_x(), _x(), t64([1.0, 1.0, 1.0]), 1.0), "batch sizes differ"),
     "rate nan": (lambda: L.rate_distortion_loss(_x(), _x(), t64([1.0, float("nan")]), 1.0), "rate_bits contains"),

@@ -164,7 +164,7 @@ def test_bad_input_errors_before_training(tmp_path):
     ({"lambda_kl": -1.0}, "lambda_kl must be a finite number >= 0"),
     ({"kd_dropout": 1.0}, "kd_dropout is a probability"),
     ({"rdm_rates": [1.0, 2.0]}, "rdm_rates has 2 values for num_rdms=3"),
-    ({"rdm_rates": [1.0, -2.0, 3.0]}, "must be > 0"),
+    ({"rdm_rates": [1.0, -2.0, 3.0]}, "must be >= 0"),
     ({"embedding_distortion": "l3"}, "embedding_distortion must be one of"),
 ])
 def test_config_validation(tmp_path, kwargs, match):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from .. import losses
+from ..checks import DistillationInputError
 from .base import Method, register_method
 
 
@@ -104,9 +105,14 @@ class CIFD(Method):
     def loss_terms(self, student, teacher, rdms, batch, extra):
         c = self.config
         rdm_outs = rdms.get("image", [])
+        # RDMs without reconstruction (Table 1's, CIFD A.1.1) guide through their logits only.
+        rdm_embeddings = [r.embedding for r in rdm_outs if r.embedding is not None]
+        if rdm_embeddings and len(rdm_embeddings) != len(rdm_outs):
+            raise DistillationInputError(
+                "some RDMs reconstruct the teacher embedding and some do not (reconstruction='none'): use one kind.")
         return losses.cifd_loss(
             student.logits, batch.get("labels"), teacher.logits, [r.logits for r in rdm_outs],
-            student.matched["image"], teacher.embeddings["image"], [r.embedding for r in rdm_outs],
+            student.matched["image"], teacher.embeddings["image"], rdm_embeddings,
             student.ibm_rate.get("image"),
             lambda_ce=c.lambda_ce, lambda_kl=c.lambda_kl, rdm_weights=c.rdm_weights,
             embedding_weight=c.embedding_weight, lambda_ibm=c.lambda_ibm, temperature=c.temperature,

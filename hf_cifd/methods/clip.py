@@ -141,7 +141,7 @@ class CIFDCLIP(_CLIPMethod):
     Per modality m (eq. 12, :func:`hf_cifd.losses.cifd_modality_loss`): ``||U^_m - X_m||^2 + sum_n lambda_n
     ||U^_m - X_{n,m}||^2 + lambda_I * rate_m`` with U^_m the IBM decoder output, X_m the teacher embedding and
     X_{n,m} RDM n's reconstruction, all L2-normalised (the paper's U^ is L2-normalised; comparing unit vectors keeps
-    the terms independent of the teachers' feature scale), squared error summed over dims, averaged over the batch.
+    the terms independent of the teachers' feature scale), squared error averaged over dims and batch (element mean).
     Terms are named ``<m>/emb_teacher``, ``<m>/emb_rdm_<n>``, ``<m>/ibm_rate``.
     """
 
