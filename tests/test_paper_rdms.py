@@ -138,3 +138,14 @@ def test_ibm_decoder_is_the_identity_when_widths_match(tmp_path):
     with pytest.raises(DistillationInputError, match="ibm_decoder_layers=0 \\(identity\\) needs equal widths"):
         DistillationTrainer(model=TinyNet(embed_dim=8), teacher=TinyNet(embed_dim=12),
                             args=_args(tmp_path, num_rdms=0, ibm_decoder_layers=0), train_dataset=ds)
+
+
+def test_train_rdms_reports_no_distortion_for_rdms_without_reconstruction():
+    from hf_cifd import train_rdms
+
+    rdms = [RateDistortionModule(12, hidden_dims=(16, 8, 6), num_classes=4, rate_weight=0.0, reconstruction="none"),
+            RateDistortionModule.paper_imagenet(12, 4, hidden_dim=8, rate_weight=2.0)]
+    report = train_rdms(toy_dataset(16), teacher=TinyNet(embed_dim=12), rdms=rdms, max_steps=2, batch_size=8,
+                        progress=False)
+    assert report.metrics[0]["distortion"] is None and report.metrics[0]["accuracy"] is not None
+    assert report.metrics[1]["distortion"] > 0 and report.metrics[0]["rate_bits"] > 0
