@@ -7,6 +7,7 @@ Subcommands
   distill        a classification distillation run (the recipes' pipeline; every DistillationConfig flag)
   eval           zero-shot classification and image<->text retrieval of an open_clip model
   push           upload a saved student / RDM folder to the Hugging Face Hub
+  cost           training cost (MACs) of KD, CIFD, TAKD and DGKD, counted on the meta device (Fig. 1b, D.2)
 """
 
 from __future__ import annotations
@@ -165,11 +166,19 @@ def _push(sub):
     p.set_defaults(run=run)
 
 
+def _cost(sub):
+    from .cost import add_arguments, run_from_args
+
+    p = sub.add_parser("cost", help="training MACs per method relative to KD (offline, no weights, no data)")
+    add_arguments(p)
+    p.set_defaults(run=run_from_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-cifd", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
-    for add in (_demo, _cache_teacher, _train_rdms, _distill, _eval, _push):
+    for add in (_demo, _cache_teacher, _train_rdms, _distill, _eval, _push, _cost):
         add(sub)
     return parser
 
