@@ -422,10 +422,16 @@ class DistillationTrainer(StreamTrackingMixin, Trainer):
             return self.ckd_budget.sampler(self._train_batch_size, self.args.world_size)
         return super()._get_train_sampler(train_dataset)
 
-    def train(self, *args, **kwargs):
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """Trainer's ``train``; ``resume_from_checkpoint`` (True / "true" / a path) resumes from a complete checkpoint
+        only, or says why not (hf_cifd/checkpoints.py)."""
+        view, tmp = self._prepare_resume(resume_from_checkpoint)
         try:
-            return super().train(*args, **kwargs)
+            return super().train(view, *args, **kwargs)
         finally:
+            from .checkpoints import remove_view
+
+            remove_view(tmp)
             if self.indistill is not None:
                 self.indistill.close()  # no hook survives train(), even when it fails
 
@@ -561,6 +567,72 @@ class DistillationTrainer(StreamTrackingMixin, Trainer):
         lines += [f"- {k}: {v}" for k, v in metrics.items()] or ["No evaluation was run."]
         ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n").save(
             os.path.join(a.output_dir, "README.md"))
+
+    # ------------------------------------------------------------------ checkpoints and resume
+    def _run_state(self) -> dict[str, Any]:
+        from .checkpoints import rdm_fingerprint
+
+        if not hasattr(self, "_rdm_fingerprint"):  # the RDMs are frozen: hash them once
+            self._rdm_fingerprint = rdm_fingerprint({m: list(r) for m, r in self.rdms.items()})
+        return {"method": self.args.method, "rdms": self._rdm_fingerprint, "teacher_calls": self.teacher_calls,
+                "skipped_steps": self._nonfinite.skipped}
+
+    def _stream_callbacks(self) -> list[StreamResumeCallback]:
+        return [c for c in self.callback_handler.callbacks if isinstance(c, StreamResumeCallback)]
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Trainer's checkpoint + hf_cifd's state (teacher calls, run identity, stream position), then the manifest
+        that marks it complete; old checkpoints are rotated only after that."""
+        import shutil
+
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+        from . import checkpoints
+
+        run_dir = self._get_output_dir(trial=trial)
+        path = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if self.args.should_save and os.path.isdir(path) and not checkpoints.is_complete(path):
+            shutil.rmtree(path)  # the remains of an interrupted save of this step
+        self.accelerator.wait_for_everyone()
+        limit, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        os.makedirs(path, exist_ok=True)
+        checkpoints.save_run_state(path, self.args.process_index, self._run_state())
+        for cb in self._stream_callbacks():
+            cb.save(self.args, self.state, path)
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            checkpoints.write_manifest(path)
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+
+    def _prepare_resume(self, value) -> tuple[str | None, str | None]:
+        """Resolves ``resume_from_checkpoint``, checks the checkpoint's files and run identity, restores the teacher-call
+        count and points the stream callback at the checkpoint; returns ``(path for Trainer, temp dir to remove)``."""
+        from . import checkpoints
+
+        path, absent = checkpoints.resolve(value, self.args.output_dir, self.args.resume_partial)
+        if path is None:
+            return None, None
+        rank = self.args.process_index
+        state_file = checkpoints.RUN_STATE.format(rank=rank)
+        saved = None if state_file in absent else checkpoints.load_run_state(path, rank)
+        if saved is None and checkpoints.is_complete(path) and not self.args.resume_partial:
+            raise DistillationInputError(
+                f"{path} has no {state_file} (teacher calls, method, RDMs): it was not written by this version of "
+                "hf_cifd. Set resume_partial=True to resume without it.")
+        if saved is not None:
+            checkpoints.check_same_run(saved, self._run_state(), path)
+            self.teacher_runner.calls += int(saved["teacher_calls"])
+            self._nonfinite.skipped = int(saved.get("skipped_steps", 0))
+        for cb in self._stream_callbacks():
+            cb.resume_dir, cb.resume_required = path, not self.args.resume_partial
+            cb.resume_skip = f"stream_state_rank{rank}.json" in absent
+        logger.info("resuming from %s", path)
+        return checkpoints.without(path, absent)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         output_dir = output_dir or self.args.output_dir

@@ -165,6 +165,12 @@ class StreamResumeCallback(TrainerCallback):
         self.tracker = tracker or StreamTracker()
         self.dataset = dataset
         self.processor = None
+        # Set by DistillationTrainer.train(resume_from_checkpoint=...): the checkpoint being resumed, wherever it is
+        # (default: output_dir/checkpoint-<step>); a missing state file there is an error unless not required.
+        self.resume_dir: str | None = None
+        self.resume_required = False
+        self.resume_skip = False
+        self._saved_step = -1
 
     def _rank_world(self, args) -> tuple[int, int]:
         return int(getattr(args, "process_index", 0)), int(getattr(args, "world_size", 1))
@@ -193,9 +199,16 @@ class StreamResumeCallback(TrainerCallback):
 
             train_dataloader.set_epoch = set_epoch
             train_dataloader._hf_cifd_epoch_patched = True
-        if state.global_step > 0:
-            ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if state.global_step > 0 and self.resume_skip:
+            logger.warning("resume_partial: the stream restarts at the beginning of data epoch %d", self.tracker.epoch)
+        elif state.global_step > 0:
+            ckpt = self.resume_dir or os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             rank, world = self._rank_world(args)
+            state_file = os.path.join(ckpt, STATE_FILE.format(rank=rank))
+            if self.resume_required and not os.path.isfile(state_file):
+                raise DistillationInputError(
+                    f"{state_file} is missing: without it the stream would restart at its first sample and repeat "
+                    "data. Restore the file, resume from another checkpoint, or set resume_partial=True.")
             if load_stream_state(self.tracker, ckpt, rank=rank, world_size=world,
                                  num_workers=args.dataloader_num_workers, processor=self.processor):
                 if not args.ignore_data_skip:
@@ -217,10 +230,15 @@ class StreamResumeCallback(TrainerCallback):
         if self.processor is not None:
             self.processor.resume_positions = {}
 
-    def on_save(self, args, state, control, **kwargs):
+    def save(self, args, state, checkpoint_dir: str) -> None:
         rank, world = self._rank_world(args)
-        ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        save_stream_state(self.tracker, ckpt, rank=rank, world_size=world, num_workers=args.dataloader_num_workers)
+        save_stream_state(self.tracker, checkpoint_dir, rank=rank, world_size=world,
+                          num_workers=args.dataloader_num_workers)
+        self._saved_step = state.global_step
+
+    def on_save(self, args, state, control, **kwargs):
+        if self._saved_step != state.global_step:  # DistillationTrainer saved it before marking the checkpoint complete
+            self.save(args, state, os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
 
 
 class StreamTrackingMixin:

@@ -2,7 +2,7 @@
 the sample keys it trained on (fsynced), so that a test can SIGKILL it and check the resumed run. The trainer adds
 the StreamResumeCallback itself for a streamed dataset.
 
-python train_stream.py WDS_DIR OUT_DIR KEYLOG [--sleep S] [--resume] [--max-steps N]
+python train_stream.py WDS_DIR OUT_DIR KEYLOG [--sleep S] [--resume | --resume-from CKPT] [--max-steps N]
 """
 
 import argparse
@@ -86,6 +86,7 @@ def main():
     p.add_argument("--sleep", type=float, default=0.0)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--max-steps", type=int, default=16)
+    p.add_argument("--resume-from", default=None, help="a checkpoint directory (anywhere) to resume from")
     a = p.parse_args()
     torch.manual_seed(0)
     model = TinyModel(a.sleep)
@@ -98,7 +99,7 @@ def main():
     (stream_cb,) = [c for c in trainer.callback_handler.callbacks if isinstance(c, StreamResumeCallback)]
     trainer.model.register_forward_pre_hook(record_keys(model), with_kwargs=True)
     trainer.add_callback(KeyLogger(model, a.keylog, stream_cb))
-    trainer.train(resume_from_checkpoint=True if a.resume else None)
+    trainer.train(resume_from_checkpoint=a.resume_from or (True if a.resume else None))
     dump(os.path.join(a.out_dir, "final_stream_state.json"), stream_cb.tracker.state_dict())
 
 
