@@ -13,9 +13,11 @@ from hf_cifd.data.rdm_cache import compute_rdm_outputs, rdm_field
 from helpers import TinyNet, toy_dataset
 
 
-def _rdms():
+def _rdms(reconstruction="linear"):
     torch.manual_seed(1)
-    return [RateDistortionModule(12, hidden_dims=(8, 4, 8), num_classes=4, rate_weight=r).eval() for r in (2.0, 0.5)]
+    rates = (2.0, 0.5) if reconstruction != "none" else (0.0, 0.0)  # no X^: eq. (5) without its distortion
+    return [RateDistortionModule(12, hidden_dims=(8, 4, 8), num_classes=4, rate_weight=r,
+                                 reconstruction=reconstruction).eval() for r in rates]
 
 
 def test_cached_rdm_outputs_equal_each_rdm_on_the_cached_embedding(tmp_path):
@@ -38,12 +40,13 @@ def test_cached_rdm_outputs_equal_each_rdm_on_the_cached_embedding(tmp_path):
                 torch.testing.assert_close(got[rdm_field("image", i, "logits")], out.logits, rtol=1e-6, atol=1e-6)
 
 
-def test_training_with_cached_rdm_outputs_gives_the_live_losses_without_running_the_rdms(tmp_path):
+@pytest.mark.parametrize("reconstruction", ["linear", "none"])  # "none": the RDMs give logits only
+def test_training_with_cached_rdm_outputs_gives_the_live_losses_without_running_the_rdms(tmp_path, reconstruction):
     ds = toy_dataset(32)
     torch.manual_seed(0)
     teacher, student = TinyNet(embed_dim=12), TinyNet()
     cache_teacher_outputs(teacher, ds, str(tmp_path / "cache"), dtype="float32", progress=False)
-    rdms = _rdms()
+    rdms = _rdms(reconstruction)
     runs = []
     # live teacher and RDMs / cache + RDMs every step / cache + RDM outputs cached (KD dropout and IBM noise on)
     for name, cache, rdm_cache in (("live", None, False), ("cache", "cache", False), ("rdm_cache", "cache", True)):
@@ -62,7 +65,7 @@ def test_training_with_cached_rdm_outputs_gives_the_live_losses_without_running_
                 for h in trainer.state.log_history if "loss" in h]
         runs.append((logs, trainer.evaluate()["eval_loss"], len(calls)))
     (live, live_eval, live_calls), (cached, cached_eval, cached_calls), (rdm, rdm_eval, rdm_calls) = runs
-    assert len(live) == 4 and "loss/kd_rdm_1" in live[0] and "loss/emb_rdm_0" in live[0]
+    assert len(live) == 4 and "loss/kd_rdm_1" in live[0] and ("loss/emb_rdm_0" in live[0]) == (reconstruction != "none")
     for other in (cached, rdm):
         for a, b in zip(live, other):
             assert a.keys() == b.keys()

@@ -112,13 +112,16 @@ class CachedRDMCollator:
 
 def cached_rdm_outputs(batch: Mapping[str, Any], rdms: Mapping[str, Sequence[nn.Module]]) -> dict[str, list] | None:
     """``{modality: [RDMOutput, ...]}`` from the fields :class:`CachedRDMCollator` put in ``batch``; None when absent.
-    Cached outputs carry no rate and no latent (the student loss reads neither)."""
+    Cached outputs carry no rate and no latent (the student loss reads neither); an RDM without reconstruction has
+    logits only."""
     from ..modules import RDMOutput
 
-    if not any(mods for mods in rdms.values()) or any(
-            mods and rdm_field(m, 0, "embedding") not in batch for m, mods in rdms.items()):
+    def cached(m: str) -> bool:
+        return rdm_field(m, 0, "embedding") in batch or rdm_field(m, 0, "logits") in batch
+
+    if not any(mods for mods in rdms.values()) or any(mods and not cached(m) for m, mods in rdms.items()):
         return None
-    return {m: [RDMOutput(embedding=batch[rdm_field(m, i, "embedding")], rate=None, latent=None,
+    return {m: [RDMOutput(embedding=batch.get(rdm_field(m, i, "embedding")), rate=None, latent=None,
                           logits=batch.get(rdm_field(m, i, "logits"))) for i in range(len(mods))]
             for m, mods in rdms.items()}
 
