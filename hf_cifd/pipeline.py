@@ -285,7 +285,7 @@ class _Run:
         self.seconds["smoke_data"] = time.time() - t0
 
     def dataset(self, split: str, files, transform, teacher_transform=None, shuffle: bool = False,
-                max_samples: int | None = None):
+                max_samples: int | None = None, view=None):
         from .data import load_image_dataset
 
         a = self.args
@@ -302,8 +302,8 @@ class _Run:
             kwargs = {"dataset": ds, "key_column": "__key__"}
         return load_image_dataset(
             a.dataset, task="classification", split=split, streaming=a.streaming, image_column=a.image_column,
-            label_column=a.label_column, transform=transform, teacher_transform=teacher_transform,
-            shuffle_buffer=a.shuffle_buffer if shuffle and a.streaming else None, seed=self.config.seed,
+            label_column=a.label_column, transform=None if view is not None else transform,
+            teacher_transform=teacher_transform, view=view, shuffle_buffer=a.shuffle_buffer if shuffle and a.streaming else None, seed=self.config.seed,
             max_samples=max_samples, **kwargs)
 
     # -- models --------------------------------------------------------------------------------------------------
@@ -322,8 +322,13 @@ class _Run:
         self.s_eval = self.s_adapter.image_transform(student, False)
         self.t_train = self.t_adapter.image_transform(teacher, True)
         self.t_eval = self.t_adapter.image_transform(teacher, False)
-        # The teacher sees the student's (augmented) view unless its data config (size, mean/std, crop) differs.
-        self.teacher_view = None if _transform_key(self.t_eval) == _transform_key(self.s_eval) else self.t_eval
+        # Same preprocessing: the teacher reads the student's pixel_values. Otherwise one shared view per sample, each
+        # model with its own resize + normalisation of it (hf_cifd.data.views), never two independent crops.
+        self.views = None
+        if _transform_key(self.t_eval) != _transform_key(self.s_eval):
+            from .data.views import shared_views
+
+            self.views = shared_views(self.s_train, self.s_eval, self.t_eval, seed=self.config.seed)
         self.seconds["models"] = time.time() - t0
         return teacher, student
 
@@ -485,14 +490,16 @@ class _Run:
             c.accelerator_config.dispatch_batches = False  # each process streams its own shards
             if not (c.max_steps and c.max_steps > 0):
                 c.max_steps = self.max_steps(c.num_train_epochs, self.global_batch())
-        train = self.dataset(a.train_split, a.data_files, self.s_train, self.teacher_view, shuffle=True,
-                             max_samples=a.max_train_samples)
-        evals = self.dataset(a.eval_split, a.eval_data_files, self.s_eval, self.teacher_view,
-                             max_samples=a.max_eval_samples)
+        views = self.views or (None, None)
+        train = self.dataset(a.train_split, a.data_files, self.s_train, shuffle=True, max_samples=a.max_train_samples,
+                             view=views[0])
+        evals = self.dataset(a.eval_split, a.eval_data_files, self.s_eval, max_samples=a.max_eval_samples,
+                             view=views[1])
         milestones = self.milestone_steps(c, train)
         how = f"{c.max_steps} steps" if c.max_steps and c.max_steps > 0 else f"{c.num_train_epochs} epochs"
         t0 = _stage("distillation", f"method {c.method}, {how}, global batch {self.global_batch()}"
-                    + (", teacher gets its own transform" if self.teacher_view is not None else ""))
+                    + (f", one shared view per sample ({self.views[0].describe()}), each model's own resize and "
+                       "normalisation" if self.views is not None else ""))
         trainer = _multistep_trainer_cls(milestones, a.lr_gamma)(
             student, teacher if c.uses_teacher else None, args=c, train_dataset=train, eval_dataset=evals,
             rdms=rdms, data_collator=collate)

@@ -195,6 +195,9 @@ class DistillationTrainer(StreamTrackingMixin, Trainer):
             from .data.cache import CachedTeacherCollator
 
             data_collator = CachedTeacherCollator(self.teacher_cache, data_collator)
+            logger.info("teacher outputs come from the cache %s: the teacher's view of each sample is the one cached "
+                        "(un-augmented with hf-cifd cache-teacher), not the student's augmented view",
+                        getattr(self.teacher_cache, "path", ""))
         data_collator = self._checked_collator(data_collator, model)
         # A callable(student) -> {metric: value} run by evaluate(), e.g. hf_cifd.clip_eval.CLIPEvaluator (CLIP).
         self.evaluator = evaluator

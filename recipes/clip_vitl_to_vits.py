@@ -116,10 +116,13 @@ def make_smoke_data(root: str) -> dict[str, str]:
     return dirs
 
 
-def train_dataset(path, data_files, student_pre, student_tok, teacher_pre=None, teacher_tok=None, shuffle_buffer=None):
-    return load_image_dataset(path, task="image-text", data_files=data_files, streaming=True, transform=student_pre,
-                              tokenizer=student_tok, teacher_transform=teacher_pre, teacher_tokenizer=teacher_tok,
-                              shuffle_buffer=shuffle_buffer)
+def train_dataset(path, data_files, student_pre, student_tok, teacher_pre=None, teacher_tok=None, shuffle_buffer=None,
+                  view=None):
+    """``view`` (a SharedView) replaces both image transforms: one crop per sample, each model's own finishing."""
+    return load_image_dataset(path, task="image-text", data_files=data_files, streaming=True,
+                              transform=None if view is not None else student_pre, tokenizer=student_tok,
+                              teacher_transform=None if view is not None else teacher_pre, teacher_tokenizer=teacher_tok,
+                              shuffle_buffer=shuffle_buffer, view=view)
 
 
 def main():
@@ -171,9 +174,13 @@ def main():
         train_files, train_path = ({"train": args.data_files} if args.data_files else None), args.dataset
     teacher.eval().requires_grad_(False)
 
-    # Student data: each sample carries the student's AND the teacher's inputs (own transforms / tokenizers).
-    ds = train_dataset(train_path, train_files, s_pre_aug, s_tok, t_pre_val, t_tok,
-                       shuffle_buffer=1024 if args.smoke else args.shuffle_buffer)
+    # Student data: each sample carries the student's AND the teacher's inputs (own tokenizers), both images cut from
+    # ONE random view of the picture (the student's augmentation), each resized / normalised for its model.
+    from hf_cifd.data.views import SharedView
+
+    ds = train_dataset(train_path, train_files, None, s_tok, None, t_tok,
+                       shuffle_buffer=1024 if args.smoke else args.shuffle_buffer,
+                       view=SharedView(s_pre_aug, s_pre_val, t_pre_val, train=True, seed=config.seed))
 
     rdms = None
     if config.method == "cifd" and config.num_rdms:

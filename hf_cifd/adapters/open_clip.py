@@ -193,7 +193,9 @@ class OpenCLIPPairProcessor:
 
     def __init__(self, preprocess: Callable, tokenizer: Callable, teacher_preprocess: Callable | None = None,
                  teacher_tokenizer: Callable | None = None, *, image_key: str = "image", text_key: str = "text",
-                 key_key: str | None = "sample_key", random_caption: bool = True, seed: int = 0):
+                 key_key: str | None = "sample_key", random_caption: bool = True, seed: int = 0,
+                 view: Callable | None = None):
+        self.view = view  # hf_cifd.data.views.SharedView: one crop for both models (replaces the two preprocesses)
         self.preprocess, self.tokenizer = preprocess, tokenizer
         self.teacher_preprocess, self.teacher_tokenizer = teacher_preprocess, teacher_tokenizer
         self.image_key, self.text_key, self.key_key = image_key, text_key, key_key
@@ -214,9 +216,14 @@ class OpenCLIPPairProcessor:
         except Exception:
             self.skipped["undecodable_image"] += 1
             return None
-        out = {"pixel_values": self.preprocess(image), "input_ids": self.tokenizer([text])[0]}
-        if self.teacher_preprocess is not None:
-            out["teacher_pixel_values"] = self.teacher_preprocess(image)
+        if self.view is not None:
+            student_pixels, teacher_pixels = self.view(image)
+        else:
+            student_pixels = self.preprocess(image)
+            teacher_pixels = self.teacher_preprocess(image) if self.teacher_preprocess is not None else None
+        out = {"pixel_values": student_pixels, "input_ids": self.tokenizer([text])[0]}
+        if teacher_pixels is not None:
+            out["teacher_pixel_values"] = teacher_pixels
         if self.teacher_tokenizer is not None:
             out["teacher_input_ids"] = self.teacher_tokenizer([text])[0]
         if self.key_key and sample.get(self.key_key) is not None:

@@ -16,6 +16,12 @@ belongs to rank ``j % world_size``; iterable: each rank's own ``datasets`` sub-s
 sample) cut into blocks of ``shard_size``). A re-run with the same dataset and settings skips the shards whose file
 exists, so a crashed run only recomputes the unfinished shards, and the result is identical, bit for bit, to an
 uninterrupted run: the teacher always sees the same batches (batches never straddle shards).
+
+What a cache holds: the teacher's outputs for ONE view per sample, the one its dataset gives (``hf-cifd
+cache-teacher`` and the recipes use the teacher's evaluation transform: the un-augmented centre crop). A training run
+reading the cache therefore pairs the student's augmented view with the teacher's un-augmented one; that is the
+cache's trade (CKD's reduced-teacher-inference setting is built on it), unlike a live teacher, which sees the very
+view the student sees (:mod:`hf_cifd.data.views`). The trainer logs this when it uses a cache.
 """
 
 from __future__ import annotations

@@ -161,7 +161,8 @@ class RecordProcessor:
 
     def __init__(self, *, task: str, columns: Columns, transform: Callable | None = None,
                  teacher_transform: Callable | None = None, tokenizer: Callable | None = None,
-                 teacher_tokenizer: Callable | None = None, min_image_size: int | None = None,
+                 teacher_tokenizer: Callable | None = None, view: Callable | None = None,
+                 min_image_size: int | None = None,
                  max_bad_fraction: float = 0.01, min_records_for_ceiling: int = 1000,
                  bad_records_dir: str | None = None, log_first: int = 10):
         if task not in TASKS:
@@ -170,6 +171,11 @@ class RecordProcessor:
             raise DistillationInputError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction!r}.")
         self.task = task
         self.columns = columns
+        if view is not None and (transform is not None or teacher_transform is not None):
+            raise DistillationInputError(
+                "give either view= (one shared view, each model's own finishing: hf_cifd.data.views.SharedView) or "
+                "transform= / teacher_transform=, not both.")
+        self.view = view
         self.transform = transform or _default_transform
         self.teacher_transform = teacher_transform if teacher_transform is not transform else None
         self.tokenizer = tokenizer
@@ -240,9 +246,15 @@ class RecordProcessor:
         img, converted = _decode_image(record.get(c.image), self.min_image_size)
         if converted:
             self.counts["converted_to_rgb"] += 1
-        sample: dict[str, Any] = {"pixel_values": self.transform(img)}
-        if self.teacher_transform is not None:
-            sample["teacher_pixel_values"] = self.teacher_transform(img)
+        if self.view is not None:  # one random geometry, each model's own resize + normalisation
+            student, teacher = self.view(img)
+            sample: dict[str, Any] = {"pixel_values": student}
+            if teacher is not None:
+                sample["teacher_pixel_values"] = teacher
+        else:
+            sample = {"pixel_values": self.transform(img)}
+            if self.teacher_transform is not None:
+                sample["teacher_pixel_values"] = self.teacher_transform(img)
         if self.task == "classification":
             sample["labels"] = int(label)
         else:
@@ -311,7 +323,7 @@ class RecordProcessor:
 
     def _output_keys(self) -> list[str]:
         keys = ["pixel_values"]
-        if self.teacher_transform is not None:
+        if self.teacher_transform is not None or (self.view is not None and not getattr(self.view, "same", False)):
             keys.append("teacher_pixel_values")
         if self.task == "classification":
             keys.append("labels")
@@ -358,6 +370,7 @@ def load_image_dataset(
     teacher_transform: Callable | None = None,
     tokenizer: Callable | None = None,
     teacher_tokenizer: Callable | None = None,
+    view: Callable | None = None,
     shuffle_buffer: int | None = None,
     seed: int = 0,
     max_samples: int | None = None,
@@ -376,7 +389,9 @@ def load_image_dataset(
     ``datasets.IterableDataset`` (pass it to Trainer / ``accelerator.prepare`` as is; use :func:`collate`);
     ``streaming=False`` a map-style :class:`MapStyleImageDataset` (bad records are ``None``, dropped by
     :func:`collate`). ``transform`` / ``teacher_transform`` map a PIL RGB image to a tensor (``teacher_transform``
-    None = shared, no ``teacher_pixel_values``); ``tokenizer`` / ``teacher_tokenizer`` map a caption to token ids.
+    None = shared, no ``teacher_pixel_values``); ``view`` instead maps it to ``(student, teacher or None)`` from ONE
+    random view (:class:`hf_cifd.data.views.SharedView`: what a teacher / student pair with different preprocessing
+    needs, so both describe the same crop); ``tokenizer`` / ``teacher_tokenizer`` map a caption to token ids.
     ``shuffle_buffer``: seeded shuffle of the shard order and of a buffer of that many records (streaming).
     ``dataset``: an already loaded ``datasets`` dataset to use instead of calling ``load_dataset``.
     """
@@ -414,7 +429,7 @@ def load_image_dataset(
     if features is not None and isinstance(features.get(cols.image), datasets.Image):
         ds = ds.cast_column(cols.image, datasets.Image(decode=False))  # we decode (and catch errors) ourselves
     processor = RecordProcessor(task=task, columns=cols, transform=transform, teacher_transform=teacher_transform,
-                                tokenizer=tokenizer, teacher_tokenizer=teacher_tokenizer,
+                                tokenizer=tokenizer, teacher_tokenizer=teacher_tokenizer, view=view,
                                 min_image_size=min_image_size, max_bad_fraction=max_bad_fraction,
                                 min_records_for_ceiling=min_records_for_ceiling, bad_records_dir=bad_records_dir)
     if isinstance(ds, datasets.IterableDataset):
