@@ -30,7 +30,10 @@ class DistillationConfig(TrainingArguments):
                           "CLIP: clip (no teacher), openclip, clipkd, tinyclip, cifd, ckd."},
     )
     temperature: float = field(default=2.0, metadata={"help": "KD temperature tau (eq. 9; logits divided by tau, loss x tau^2)."})
-    lambda_ce: float = field(default=1.0, metadata={"help": "Weight of the cross-entropy with the labels (eq. 9)."})
+    lambda_ce: float | None = field(
+        default=None, metadata={"help": "Weight of the cross-entropy with the labels (eq. 9). Default: 1; 0 for ckd "
+                                        "(the Comparative KD objective and its reference code have no per-sample CE). "
+                                        "The CE uses Trainer's label_smoothing_factor."})
     lambda_kl: float = field(default=1.0, metadata={"help": "Weight of KL(teacher || student) and of the RDM KL terms (eq. 9)."})
     kd_dropout: float = field(
         default=0.25,
@@ -75,7 +78,11 @@ class DistillationConfig(TrainingArguments):
         default=1, metadata={"help": "DGKD KD dropout: number of the teacher/assistant KD terms dropped per step (DGKD's "
                                      "--drop-num, default 1; method dgkd)."})
     # --- CLIP ---------------------------------------------------------------------------------------------------
-    lambda_cl: float = field(default=0.005, metadata={"help": "lambda_CL: contrastive-loss weight in CIFD for CLIP (eq. 13)."})
+    lambda_cl: float = field(
+        default=0.0025, metadata={"help": "lambda_CL: contrastive-loss weight in CIFD for CLIP (eq. 13), applied to the "
+                                          "contrastive loss with its two directions SUMMED (eq. 11). The paper's 0.005 "
+                                          "is taken at open_clip's scale (directions averaged, the implementation its CLIP "
+                                          "models follow), i.e. 0.0025 here."})
     # --- CLIP distillation baselines ---
     clip_distill_weight: float = field(
         default=1.0, metadata={"help": "Weight of the open_clip distillation / TinyCLIP affinity term (methods openclip, tinyclip)."})
@@ -136,6 +143,8 @@ class DistillationConfig(TrainingArguments):
         methods = sorted(set(CLASSIFICATION_METHODS) | set(CLIP_METHODS))
         if self.method not in methods:
             raise DistillationInputError(f"method must be one of {methods}, got {self.method!r}.")
+        if self.lambda_ce is None:
+            self.lambda_ce = 0.0 if self.method == "ckd" else 1.0
         for name in ("temperature",):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):

@@ -46,6 +46,7 @@ class DistillationModel(nn.Module):
     """
 
     accepts_loss_kwargs = False  # compute_loss returns a per-batch mean; Trainer scales it for accumulation.
+    config = None  # not a PreTrainedModel; Trainer reads model.config with getattr (e.g. for label_smoothing_factor)
 
     def __init__(
         self,
@@ -364,6 +365,14 @@ class DistillationTrainer(StreamTrackingMixin, Trainer):
             engine, *_ = deepspeed.initialize(model=teacher, config=config)
             return engine.module.eval()
         return self.accelerator.prepare_model(teacher, evaluation_mode=True)
+
+    def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
+        """Trainer's rule (no weight decay on biases and LayerNorm) extended to every normalisation layer: BatchNorm
+        and GroupNorm weights get no decay either (the ffcv ImageNet recipe the paper trains with; timm's default)."""
+        norms = (nn.GroupNorm, nn.modules.batchnorm._NormBase)
+        norm_params = {f"{name}.{p}" if name else p for name, module in model.named_modules() if isinstance(module, norms)
+                       for p, _ in module.named_parameters(recurse=False)}
+        return [n for n in super().get_decay_parameter_names(model) if n not in norm_params]
 
     # ------------------------------------------------------------------ the loss
     @property

@@ -175,3 +175,31 @@ def test_pkt_as_indistill_final_stage(tmp_path):
     terms = trainer.method.loss_terms(trainer.model(**batch), trainer.teacher_outputs(batch), {}, batch, trainer.model.extra)
     expected = 30000.0 * L.pkt_loss(student(batch["pixel_values"])[0], teacher(batch["pixel_values"])[0])
     assert terms["pkt"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ recipe-level knobs
+def test_label_smoothing_reaches_every_ce_and_ckd_has_no_ce_by_default(tmp_path):
+    import torch.nn.functional as F
+
+    assert _args(tmp_path, method="ckd").lambda_ce == 0.0 and _args(tmp_path, method="kd").lambda_ce == 1.0
+    assert _args(tmp_path, method="ckd", lambda_ce=0.5).lambda_ce == 0.5
+    batch = _batch()
+    for method, extra in (("kd", {}), ("cifd", {"num_rdms": 0, "kd_dropout": 0.0}), ("pkt", {})):
+        trainer = DistillationTrainer(model=TinyNet(), teacher=TinyNet(embed_dim=12), train_dataset=toy_dataset(16),
+                                      args=_args(tmp_path, method=method, label_smoothing_factor=0.1, **extra))
+        trainer.model.eval()
+        with torch.no_grad():
+            student = trainer.model(**batch)
+            terms = trainer.method.loss_terms(student, trainer.teacher_outputs(batch), {}, batch, trainer.model.extra)
+        expected = F.cross_entropy(student.logits, batch["labels"], label_smoothing=0.1)
+        assert terms["ce"].item() == pytest.approx(expected.item(), rel=1e-6), method
+        assert terms["ce"].item() != pytest.approx(F.cross_entropy(student.logits, batch["labels"]).item(), rel=1e-4)
+
+
+def test_no_weight_decay_on_norm_layers_and_biases(tmp_path):
+    net = TinyNet()
+    net.body.insert(2, torch.nn.BatchNorm1d(16))
+    trainer = DistillationTrainer(model=net, teacher=TinyNet(embed_dim=12), train_dataset=toy_dataset(16),
+                                  args=_args(tmp_path, method="kd", weight_decay=5e-5))
+    decay = set(trainer.get_decay_parameter_names(trainer.model))
+    assert decay == {"student.body.1.weight", "student.body.4.weight", "student.head.weight"}

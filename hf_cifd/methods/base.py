@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..adapters import Encoded
@@ -63,6 +64,11 @@ class Method:
         """``rdms``: per modality, the frozen RDMs' outputs (``uses_rdms``) or the teacher assistants' ``Encoded``
         outputs (``uses_assistants == "all"``), largest first; both have ``.logits`` and an embedding."""
         raise NotImplementedError
+
+
+def ce_loss(config, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The label cross-entropy of every classification method (Trainer's ``label_smoothing_factor`` applies)."""
+    return F.cross_entropy(logits, labels, label_smoothing=config.label_smoothing_factor)
 
 
 _METHODS: dict[tuple[str, str], type[Method]] = {}

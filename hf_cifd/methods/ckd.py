@@ -26,12 +26,11 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 
 from .. import losses
 from ..checks import DistillationInputError
-from .base import Method, register_method
+from .base import Method, ce_loss, register_method
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +98,7 @@ class ComparativeKD(Method):
         self.matches_embeddings = getattr(config, "ckd_embedding_weight", 0.0) > 0
 
     def loss_terms(self, student, teacher, rdms, batch, extra):
-        terms = {"ce": self.config.lambda_ce * F.cross_entropy(student.logits, batch["labels"])}
+        terms = {"ce": self.config.lambda_ce * ce_loss(self.config, student.logits, batch["labels"])}
         terms.update(ckd_terms(self.config, student, teacher, batch))
         return terms
 
@@ -137,7 +136,7 @@ def student_only_terms(config, student, batch) -> dict[str, torch.Tensor]:
     if student.logits is None or "labels" not in batch:
         ref = next(iter(student.encoded.embeddings.values()))
         return {"ce": ref.sum() * 0.0}
-    return {"ce": config.lambda_ce * F.cross_entropy(student.logits, batch["labels"])}
+    return {"ce": config.lambda_ce * ce_loss(config, student.logits, batch["labels"])}
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 
 from .. import losses
 from ..checks import DistillationInputError
-from .base import Method, register_method
+from .base import Method, ce_loss, register_method
 
 
 def _ce(method: Method, student, batch) -> dict:
-    return {"ce": method.config.lambda_ce * F.cross_entropy(student.logits, batch["labels"])}
+    return {"ce": method.config.lambda_ce * ce_loss(method.config, student.logits, batch["labels"])}
 
 
 @register_method
@@ -92,7 +91,7 @@ class DGKD(Method):
         return losses.dgkd_loss(
             student.logits, batch.get("labels"), teacher.logits, [a.logits for a in rdms.get("image", [])],
             lambda_ce=c.lambda_ce, lambda_kl=c.lambda_kl, temperature=c.temperature,
-            drop_num=c.dgkd_drop_num if student.training else 0)
+            drop_num=c.dgkd_drop_num if student.training else 0, label_smoothing=c.label_smoothing_factor)
 
 
 @register_method
@@ -117,6 +116,7 @@ class CIFD(Method):
             lambda_ce=c.lambda_ce, lambda_kl=c.lambda_kl, rdm_weights=c.rdm_weights,
             embedding_weight=c.embedding_weight, lambda_ibm=c.lambda_ibm, temperature=c.temperature,
             distortion=c.embedding_distortion, kd_dropout=c.kd_dropout if student.training else 0.0,
+            label_smoothing=c.label_smoothing_factor,
         )
 
 
