@@ -83,26 +83,17 @@ def image_model_macs(spec: str, image_size: int, num_classes: int) -> tuple[int,
     return forward_macs(model, x), adapter_for(model).embedding_dims(model)["image"]
 
 
-def _rdm(kind: str, embed_dim: int, num_classes: int):
-    from .modules import RateDistortionModule
-
-    if kind == "paper_imagenet":
-        return RateDistortionModule.paper_imagenet(embed_dim, num_classes)
-    if kind == "paper_cifar_cnn":
-        return RateDistortionModule.paper_cifar_cnn(embed_dim, num_classes)
-    raise DistillationInputError(f"rdm must be 'paper_imagenet' or 'paper_cifar_cnn', got {kind!r}.")
-
-
 def per_sample_macs(setup: CostSetup) -> dict[str, int]:
     """Forward MACs per sample of every model involved."""
     from .modules import InformationBottleneck
+    from .rdm_training import build_rdm
 
     macs: dict[str, int] = {}
     macs["teacher"], t_dim = image_model_macs(setup.teacher, setup.image_size, setup.num_classes)
     macs["student"], s_dim = image_model_macs(setup.student, setup.image_size, setup.num_classes)
     for k, spec in enumerate(setup.assistants):
         macs[f"assistant_{k}"], _ = image_model_macs(spec, setup.image_size, setup.num_classes)
-    rdm = _rdm(setup.rdm, t_dim, setup.num_classes).eval()
+    rdm = build_rdm(setup.rdm, t_dim, setup.num_classes, 0.0 if setup.rdm == "paper_cifar_cnn" else 1e4).eval()
     x = torch.randn(1, t_dim)
     macs["rdm_train"] = forward_macs(rdm, x)  # with the density model (the rate term)
     macs["rdm_frozen"] = forward_macs(rdm, x, with_rate=False)  # what the student stage runs

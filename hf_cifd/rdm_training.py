@@ -81,6 +81,26 @@ class _RDMBank(nn.Module):
         return {m: [rdm(embeddings[m]) for rdm in mods] for m, mods in self.rdms.items()}
 
 
+RDM_ARCHITECTURES = ("paper_imagenet", "paper_cifar_cnn", "custom")
+
+
+def build_rdm(architecture: str, embed_dim: int, num_classes: int | None, rate_weight: float, *,
+              hidden_dims: Sequence[int] = (512, 512, 512), bottleneck_after: int = 2,
+              activate: Sequence[bool] | None = (True, False, True), distortion: str = "smooth_l1") -> RateDistortionModule:
+    """One RDM of a named architecture: ``paper_imagenet`` (A.2: X^ = the 3rd hidden layer, widths 512 / 1024 by the
+    embedding), ``paper_cifar_cnn`` (A.1.1, Table 1: FC512, FC306, FC100 + head, no reconstruction, R must be 0) or
+    ``custom`` (``hidden_dims`` + a linear layer back to the embedding)."""
+    if architecture == "paper_imagenet":
+        return RateDistortionModule.paper_imagenet(embed_dim, num_classes, rate_weight=rate_weight, distortion=distortion)
+    if architecture == "paper_cifar_cnn":
+        return RateDistortionModule.paper_cifar_cnn(embed_dim, num_classes, rate_weight=rate_weight, distortion=distortion)
+    if architecture == "custom":
+        return RateDistortionModule(embed_dim, hidden_dims=hidden_dims, bottleneck_after=bottleneck_after,
+                                    activate=activate, num_classes=num_classes, rate_weight=rate_weight,
+                                    distortion=distortion)
+    raise DistillationInputError(f"RDM architecture must be one of {RDM_ARCHITECTURES}, got {architecture!r}.")
+
+
 def _as_rates(rates, modalities) -> dict[str, list[float]]:
     if isinstance(rates, Mapping):
         return {m: [float(r) for r in rates[m]] for m in rates}
@@ -100,6 +120,7 @@ def train_rdms(
     batch_size: int = 256,
     learning_rate: float = 1e-3,
     hidden_dims: Sequence[int] = (512, 512, 512),
+    architecture: str = "custom",
     distortion: str = "smooth_l1",
     lambda_ce: float = 1.0,
     lambda_kl: float = 1.0,
@@ -119,6 +140,8 @@ def train_rdms(
         teacher: the frozen teacher; not needed when ``teacher_cache`` covers the data.
         rates: the rate weight R of each RDM (a dict modality -> rates for CLIP's "image"/"text").
         rdms: RDMs to train instead of building them from ``rates``/``hidden_dims``.
+        architecture: how RDMs are built from ``rates`` (:func:`build_rdm`): "custom" (``hidden_dims``),
+            "paper_imagenet" or "paper_cifar_cnn" (the paper's exact RDMs).
         eval_dataset: held-out samples for the reported rate / distortion / accuracy.
         output_dir: where each RDM (``rdm-<modality>-<i>/``), ``rdm_metrics.json`` and ``rd_curve.png`` go.
         epochs / max_steps: length of training (max_steps wins; required for streaming datasets).
@@ -148,8 +171,8 @@ def train_rdms(
         num_classes = runner.adapter.num_classes(teacher)
 
     if rdms is None:
-        rdms = {m: [RateDistortionModule(widths[m], hidden_dims=hidden_dims, num_classes=num_classes if m == "image" else None,
-                                         rate_weight=r, distortion=distortion) for r in rs]
+        rdms = {m: [build_rdm(architecture, widths[m], num_classes if m == "image" else None, r,
+                              hidden_dims=hidden_dims, distortion=distortion) for r in rs]
                 for m, rs in _as_rates(rates, widths).items()}
     elif not isinstance(rdms, Mapping):
         rdms = {"image": list(rdms)}

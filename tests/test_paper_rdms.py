@@ -149,3 +149,17 @@ def test_train_rdms_reports_no_distortion_for_rdms_without_reconstruction():
                         progress=False)
     assert report.metrics[0]["distortion"] is None and report.metrics[0]["accuracy"] is not None
     assert report.metrics[1]["distortion"] > 0 and report.metrics[0]["rate_bits"] > 0
+
+
+def test_train_rdms_builds_the_named_paper_architectures():
+    from hf_cifd import train_rdms
+
+    report = train_rdms(toy_dataset(16), teacher=TinyNet(embed_dim=12), rates=[0.0, 0.0], architecture="paper_cifar_cnn",
+                        max_steps=1, batch_size=8, progress=False)
+    rdm = report.rdms["image"][0]
+    assert rdm.reconstruction == "none" and rdm.bottleneck_dim == 306 and rdm.head.out_features == 4
+    report = train_rdms(toy_dataset(16), teacher=TinyNet(embed_dim=12), rates=[5.0], architecture="paper_imagenet",
+                        max_steps=1, batch_size=8, progress=False)
+    assert report.rdms["image"][0].reconstruction == "last_hidden" and report.rdms["image"][0].rate_weight == 5.0
+    with pytest.raises(DistillationInputError, match="architecture must be one of"):
+        train_rdms(toy_dataset(16), teacher=TinyNet(embed_dim=12), rates=[1.0], architecture="big", max_steps=1)
