@@ -170,6 +170,8 @@ class DistillationTrainer(StreamTrackingMixin, Trainer):
         self.indistill = InDistillStage.from_config(
             args, stage_teacher, model, adapter_for(stage_teacher) if stage_teacher is not None else None)
         self.teacher_cache = self._open_cache(teacher_cache or args.teacher_cache_dir)
+        if teacher is not None and self.teacher_cache is not None:  # the cache wins: it must be this teacher's
+            self.teacher_cache.check_teacher(teacher)
         if self.method.uses_teacher and teacher is None and self.teacher_cache is None:
             raise DistillationInputError(
                 f"method {args.method!r} needs a teacher: pass teacher=... or a teacher-output cache "

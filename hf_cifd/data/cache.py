@@ -11,6 +11,13 @@ Each shard is an uncompressed Arrow IPC file (memory-mappable) with a ``sample_k
 ``teacher_logits``). A shard is written to a temporary name, fsynced and renamed, so a file with the final name is
 always complete.
 
+Integrity: ``cache_info.json`` holds a ``fingerprint`` of the teacher (architecture, SHA-256 of its weights, its
+preprocessing); a trainer given both a teacher and a cache refuses a cache written by another teacher. Each shard has a
+checksum entry ``shards/<shard>.sha256`` (SHA-256, bytes, rows; written after the shard; rank 0 also collects them
+under ``shards`` in ``cache_info.json``): the reader refuses a shard that fails it, naming the shard, and the writer
+re-does a shard that is truncated, altered or has no entry. Non-finite teacher outputs are refused at write time,
+naming the sample key.
+
 Parallel writing and resumption: the assignment of samples to shards is deterministic (map-style: by index, shard j
 belongs to rank ``j % world_size``; iterable: each rank's own ``datasets`` sub-stream (or every world_size-th
 sample) cut into blocks of ``shard_size``). A re-run with the same dataset and settings skips the shards whose file
@@ -27,6 +34,7 @@ view the student sees (:mod:`hf_cifd.data.views`). The trainer logs this when it
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import logging
 import math
@@ -115,6 +123,59 @@ def _atomic_write_bytes(path: str, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _checksum_path(shard_path: str) -> str:
+    return shard_path[: -len(".arrow")] + ".sha256"
+
+
+def _shard_problem(shard_path: str) -> str | None:
+    """Why a shard file cannot be trusted (no checksum entry, other size, other SHA-256), or None."""
+    entry = _checksum_path(shard_path)
+    if not os.path.isfile(entry):
+        return "has no checksum entry (its write was interrupted, or an older hf_cifd wrote it)"
+    with open(entry) as f:
+        want = json.load(f)
+    size = os.path.getsize(shard_path)
+    if size != want["bytes"]:
+        return f"is truncated or altered ({size} bytes, {want['bytes']} written)"
+    if _sha256(shard_path) != want["sha256"]:
+        return "fails its SHA-256 checksum (its bytes changed after it was written)"
+    return None
+
+
+def teacher_fingerprint(teacher, preprocessing: str | None = None, name: str | None = None) -> dict[str, Any]:
+    """What identifies a teacher's outputs: architecture name, SHA-256 of its weights (parameters and buffers, in
+    name order) and its preprocessing (repr of the transform applied to its inputs, when known)."""
+    h = hashlib.sha256()
+    for key, t in sorted(teacher.state_dict().items()):
+        h.update(key.encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return {"architecture": name or _teacher_name(teacher), "weights_sha256": h.hexdigest(),
+            "preprocessing": preprocessing}
+
+
+def _preprocessing(dataset) -> str | None:
+    from .loading import find_processor
+
+    processor = find_processor(dataset)
+    if processor is None:
+        return None
+    transform = getattr(processor, "teacher_transform", None) or getattr(processor, "transform", None)
+    if transform is None:
+        return None
+    if hasattr(transform, "__qualname__"):  # a function: its name (its repr holds a memory address)
+        return f"{getattr(transform, '__module__', '')}.{transform.__qualname__}"
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(transform))
+
+
 def _write_shard(path: str, keys: list[str], arrays: dict[str, np.ndarray], meta: dict[str, str], rank: int) -> int:
     import pyarrow as pa
     import pyarrow.ipc as ipc
@@ -132,7 +193,10 @@ def _write_shard(path: str, keys: list[str], arrays: dict[str, np.ndarray], meta
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    return os.path.getsize(path)
+    size = os.path.getsize(path)
+    _atomic_write_bytes(_checksum_path(path), json.dumps({"sha256": _sha256(path), "bytes": size,
+                                                          "rows": len(keys)}).encode())
+    return size
 
 
 class _ShardPlan:
@@ -167,7 +231,7 @@ def _plan(dataset, shard_dir, rank, world, shard_size, max_samples, batch_size, 
         n = len(dataset) if max_samples is None else min(len(dataset), int(max_samples))
         n_shards = math.ceil(n / shard_size)
         owned = [j for j in range(n_shards) if j % world == rank]
-        pending = [j for j in owned if not os.path.exists(os.path.join(shard_dir, f"shard-{j:06d}.arrow"))]
+        pending = [j for j in owned if not _reusable(os.path.join(shard_dir, f"shard-{j:06d}.arrow"))]
         indices = [i for j in pending for i in range(j * shard_size, min(n, (j + 1) * shard_size))]
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=batch_size, sampler=indices, num_workers=num_workers, collate_fn=_list_collate
@@ -183,6 +247,15 @@ def _plan(dataset, shard_dir, rank, world, shard_size, max_samples, batch_size, 
         for p in glob.glob(os.path.join(shard_dir, prefix + "*.arrow"))
         if (m := re.search(r"-(\d{6})\.arrow$", p))
     )
+    for j in done:  # a bad shard and every later one of this rank are written again (the stream is re-read in order)
+        if not _reusable(os.path.join(shard_dir, f"{prefix}{j:06d}.arrow")):
+            for later in done[done.index(j):]:
+                for path in (os.path.join(shard_dir, f"{prefix}{later:06d}.arrow"),
+                             os.path.join(shard_dir, f"{prefix}{later:06d}.sha256")):
+                    if os.path.exists(path):
+                        os.remove(path)
+            done = done[:done.index(j)]
+            break
     if done != list(range(len(done))):
         raise DistillationInputError(
             f"the teacher cache in {shard_dir} has non-contiguous shards for rank {rank} of {world} ({done[:10]}...); "
@@ -236,6 +309,16 @@ def _plan(dataset, shard_dir, rank, world, shard_size, max_samples, batch_size, 
     return _ShardPlan(names(), None, it, len(done))
 
 
+def _reusable(shard_path: str) -> bool:
+    """A finished shard the writer may keep; a bad one is logged and written again."""
+    if not os.path.exists(shard_path):
+        return False
+    problem = _shard_problem(shard_path)
+    if problem:
+        logger.warning("teacher cache: %s %s: writing it again", shard_path, problem)
+    return problem is None
+
+
 def _read_info(output_dir: str) -> dict | None:
     path = os.path.join(output_dir, CACHE_INFO)
     if not os.path.exists(path):
@@ -247,7 +330,7 @@ def _read_info(output_dir: str) -> dict | None:
 def _check_info(old: dict | None, new: dict, output_dir: str) -> None:
     if old is None:
         return
-    for key in ("teacher", "dtype", "shard_size", "fields"):
+    for key in ("teacher", "fingerprint", "dtype", "shard_size", "fields"):
         if key in old and key in new and old[key] != new[key]:
             raise DistillationInputError(
                 f"the teacher cache in {output_dir} was written with {key}={old[key]!r}, this run has "
@@ -295,7 +378,8 @@ def cache_teacher_outputs(
     for stale in glob.glob(os.path.join(shard_dir, f".*.tmp-r{rank}-*")):  # left by a killed run of this rank
         os.remove(stale)
     info = {"format_version": FORMAT_VERSION, "teacher": teacher_name or _teacher_name(teacher), "dtype": dtype,
-            "shard_size": shard_size}
+            "shard_size": shard_size,
+            "fingerprint": teacher_fingerprint(teacher, _preprocessing(dataset), teacher_name)}
     _check_info(_read_info(output_dir), info, output_dir)
 
     was_training = teacher.training
@@ -331,6 +415,13 @@ def cache_teacher_outputs(
             outs["teacher_logits"] = enc.logits
         for name, t in outs.items():
             arr = t.detach().float().flatten(1).cpu().numpy().astype(np_dtype)
+            bad = ~np.isfinite(arr).all(axis=1)  # after the cast: float16 overflow is caught too
+            if bad.any():
+                where = [str(batch_keys[i]) for i in np.flatnonzero(bad)[:5]]
+                raise DistillationInputError(
+                    f"the teacher's {name} is non-finite (NaN/inf) as {dtype} for sample(s) {where}: nothing was written "
+                    "for them. Check those inputs and the teacher (a diverged or fp16-overflowing model); cache as "
+                    "dtype='float32' if float16 overflows.")
             arrays.setdefault(name, []).append(arr)
         keys.extend(str(k) for k in batch_keys)
         teacher_calls += len(samples)
@@ -396,6 +487,8 @@ def cache_teacher_outputs(
         teacher_calls, written, skipped, skipped_records = (int(x) for x in accelerator.reduce(t, "sum").tolist())
     else:
         skipped = plan.skipped
+    if rank == 0 and os.path.exists(os.path.join(output_dir, CACHE_INFO)):
+        _write_manifest(output_dir)
     cache = TeacherCache(output_dir)
     num_samples = len(cache) if os.path.exists(os.path.join(output_dir, CACHE_INFO)) else 0
     if not fields and num_samples:
@@ -413,11 +506,26 @@ def cache_teacher_outputs(
     return report
 
 
-class TeacherCache:
-    """Memory-mapped reader of a teacher-output cache directory (picklable: workers reopen the files)."""
+def _write_manifest(output_dir: str) -> None:
+    """Collects every shard's checksum entry under ``shards`` in cache_info.json (rank 0, after all ranks wrote)."""
+    info = _read_info(output_dir) or {}
+    shards = {}
+    for entry in sorted(glob.glob(os.path.join(output_dir, SHARD_DIR, "shard-*.sha256"))):
+        with open(entry) as f:
+            shards[os.path.basename(entry)[: -len(".sha256")] + ".arrow"] = json.load(f)
+    info["shards"] = shards
+    _atomic_write_bytes(os.path.join(output_dir, CACHE_INFO), json.dumps(info, indent=2).encode())
 
-    def __init__(self, path: str):
+
+class TeacherCache:
+    """Memory-mapped reader of a teacher-output cache directory (picklable: workers reopen the files).
+
+    Every shard is checked against its checksum entry when the cache is first read (once: DataLoader workers get the
+    verified state); ``verify=False`` skips that (e.g. a cache written before checksums existed)."""
+
+    def __init__(self, path: str, verify: bool = True):
         self.path = str(path)
+        self.verify = verify
         if not os.path.isdir(os.path.join(self.path, SHARD_DIR)):
             raise DistillationInputError(
                 f"{self.path} is not a teacher cache (no {SHARD_DIR}/ directory). Create it with `hf-cifd cache-teacher` "
@@ -426,10 +534,11 @@ class TeacherCache:
         self._loaded = False
 
     def __getstate__(self):
-        return {"path": self.path}
+        # Workers reopen the files but do not hash them again once this process has verified them.
+        return {"path": self.path, "verify": self.verify and not self._loaded}
 
     def __setstate__(self, state):
-        self.path = state["path"]
+        self.path, self.verify = state["path"], state.get("verify", True)
         self._loaded = False
 
     # -- loading -------------------------------------------------------------------------------------------------
@@ -446,7 +555,17 @@ class TeacherCache:
         counts = []
         fields: dict[str, int] = dict(self._info.get("fields", {}))
         for fpath in files:
-            table = ipc.open_file(pa.memory_map(fpath, "r")).read_all()
+            if self.verify:
+                problem = _shard_problem(fpath)
+                if problem:
+                    raise DistillationInputError(
+                        f"teacher cache shard {fpath} {problem}. Re-run `hf-cifd cache-teacher` "
+                        "(cache_teacher_outputs) into the same directory: it writes that shard again.")
+            try:
+                table = ipc.open_file(pa.memory_map(fpath, "r")).read_all()
+            except (pa.ArrowInvalid, OSError) as e:
+                raise DistillationInputError(f"teacher cache shard {fpath} is unreadable ({e}). Re-run `hf-cifd "
+                                             "cache-teacher` into the same directory: it writes that shard again.") from e
             views = {}
             for name in table.column_names:
                 if name == "sample_key":
@@ -491,10 +610,27 @@ class TeacherCache:
         self._load()
         return dict(self._fields)
 
+    def check_teacher(self, teacher) -> None:
+        """Refuses a cache written by another teacher: the SHA-256 of the weights (which also covers the tensor names,
+        i.e. the architecture) must be ``teacher``'s."""
+        self._load()
+        saved = self._info.get("fingerprint")
+        if saved is None:
+            raise DistillationInputError(
+                f"the teacher cache {self.path} records no teacher fingerprint (written by an older hf_cifd), so it "
+                "cannot be matched to the given teacher: rebuild it, or pass the cache without teacher=.")
+        mine = teacher_fingerprint(teacher)
+        if saved.get("weights_sha256") != mine["weights_sha256"]:
+            raise DistillationInputError(
+                f"the teacher cache {self.path} was written by another teacher: {saved.get('architecture')} with weights "
+                f"sha256 {str(saved.get('weights_sha256'))[:12]}..., the given teacher is {mine['architecture']} with "
+                f"{mine['weights_sha256'][:12]}.... Its outputs are not this teacher's: rebuild the cache with this "
+                "teacher, or drop teacher= to train on the cached outputs.")
+
     @property
     def info(self) -> dict[str, Any]:
         self._load()
-        return {"teacher": self._info.get("teacher"), "dtype": self._info.get("dtype"), "num_samples": len(self),
+        return {"teacher": self._info.get("teacher"), "fingerprint": self._info.get("fingerprint"), "dtype": self._info.get("dtype"), "num_samples": len(self),
                 "shard_size": self._info.get("shard_size"), "fields": self.fields, "path": self.path}
 
     def _lookup(self, keys: Sequence[str]) -> tuple[np.ndarray, list[str]]:
