@@ -4,17 +4,18 @@ Subcommands
   demo           the whole CIFD pipeline on sklearn's digits, offline (``make demo``)
   cache-teacher  run a teacher once over a dataset and store its outputs per sample key
   train-rdms     train N rate-distortion modules at different rates from a teacher cache
-  distill        a classification distillation run (the recipes' pipeline; every DistillationConfig flag)
+  distill        a classification distillation run (the recipes' pipeline; every DistillationConfig flag, --config)
   eval           zero-shot classification and image<->text retrieval of an open_clip model
-  push           upload a saved student / RDM folder to the Hugging Face Hub
+  push           upload an exported student / RDM folder (only its loadable files) to the Hugging Face Hub
   cost           training cost (MACs) of KD, CIFD, TAKD and DGKD, counted on the meta device (Fig. 1b, D.2)
+
+Bad input and an unreachable Hub end in one line on stderr ("hf-cifd <command>: error: ...") and exit code 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 
@@ -42,7 +43,8 @@ def _add_data_arguments(p, task="classification"):
 
 def _cache_teacher(sub):
     p = sub.add_parser("cache-teacher", help="run the teacher once per sample and store embeddings + logits")
-    p.add_argument("--teacher", required=True, help="model spec, e.g. timm:resnet34.a1_in1k, hf:microsoft/resnet-50")
+    p.add_argument("--teacher", required=True,
+                   help="model id: timm:<name>, hf:<repo or dir>, cnn:<Table 8 name or dir>, e.g. timm:resnet34.a1_in1k")
     p.add_argument("--num_classes", type=int, default=None)
     p.add_argument("--no_pretrained", action="store_true", help="random weights (offline smoke runs)")
     p.add_argument("--output_dir", required=True)
@@ -57,7 +59,7 @@ def _cache_teacher(sub):
 
         from .adapters import adapter_for
         from .data import cache_teacher_outputs, load_image_dataset
-        from .pipeline import load_model
+        from .adapters import load_model
 
         teacher = load_model(args.teacher, num_classes=args.num_classes, pretrained=not args.no_pretrained)
         dataset = load_image_dataset(
@@ -144,23 +146,20 @@ def _eval(sub):
 
 
 def _push(sub):
-    p = sub.add_parser("push", help="upload a saved student or RDM folder to the Hub")
-    p.add_argument("folder", help="a folder written by save_model / save_pretrained / train-rdms")
+    p = sub.add_parser("push", help="upload an exported student or RDM folder (only its loadable files) to the Hub")
+    p.add_argument("folder", help="a folder written by save_model / save_pretrained / train_rdms (e.g. <output_dir>/student "
+                                  "or <output_dir>/rdms); a training output or checkpoint folder is refused")
     p.add_argument("--repo_id", required=True, help="org/name on the Hub")
     p.add_argument("--private", action="store_true")
     p.add_argument("--commit_message", default="Upload with hf-cifd")
 
     def run(args):
-        from huggingface_hub import HfApi
+        from .hub import push_folder
 
-        if not os.path.isdir(args.folder):
-            raise SystemExit(f"hf-cifd push: {args.folder} is not a folder.")
-        if not any(f.endswith(".safetensors") for f in os.listdir(args.folder)):
-            raise SystemExit(f"hf-cifd push: {args.folder} holds no .safetensors weights; only safetensors are shared.")
-        api = HfApi()  # the token comes from HF_TOKEN or `hf auth login`; it is never printed or saved here
-        api.create_repo(args.repo_id, private=args.private, exist_ok=True)
-        info = api.upload_folder(folder_path=args.folder, repo_id=args.repo_id, commit_message=args.commit_message)
-        print(f"uploaded {args.folder} to {info.commit_url}")
+        # The token comes from HF_TOKEN or `hf auth login`; it is never printed or saved here.
+        info, staged = push_folder(args.folder, args.repo_id, private=args.private or None,
+                                   commit_message=args.commit_message)
+        print(f"uploaded {len(staged)} files of {args.folder} ({', '.join(staged)}) to {args.repo_id}")
         return info
 
     p.set_defaults(run=run)
@@ -185,18 +184,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     """The console entry point; returns the process exit code (0 on success, errors raise)."""
+    from .checks import DistillationInputError
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "distill":
-        # Every DistillationConfig (TrainingArguments) and RecipeArguments flag, parsed by HfArgumentParser.
-        from .pipeline import main as distill_main
+    command = argv[0] if argv else ""
+    try:
+        if command == "distill":
+            # Every DistillationConfig (TrainingArguments) and RecipeArguments flag, parsed by HfArgumentParser.
+            from .pipeline import main as distill_main
 
-        from .distributed import shutdown
-
-        distill_main(argv[1:])
-        shutdown()
-        return 0
-    args = build_parser().parse_args(argv)
-    args.run(args)
+            distill_main(argv[1:])
+        else:
+            args = build_parser().parse_args(argv)
+            args.run(args)
+    except DistillationInputError as e:  # a user error (or no Hub): one line, no traceback
+        print(f"hf-cifd {command}: error: {e}", file=sys.stderr)
+        return 1
     from .distributed import shutdown
 
     shutdown()

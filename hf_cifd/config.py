@@ -20,7 +20,8 @@ CLIP_METHODS = ("clip", "openclip", "clipkd", "tinyclip", "cifd", "ckd")
 DISTORTIONS = ("mse", "smooth_l1")
 
 
-@dataclass
+# repr=False: keep TrainingArguments' __repr__, which redacts hub_token (a regenerated one would print it).
+@dataclass(repr=False)
 class DistillationConfig(TrainingArguments):
     # --- method -------------------------------------------------------------------------------------------
     method: str = field(
@@ -183,6 +184,7 @@ class DistillationConfig(TrainingArguments):
         self._check_indistill_and_ckd()
         if self.nonfinite_policy not in ("stop", "skip"):
             raise DistillationInputError(f"nonfinite_policy must be 'stop' or 'skip', got {self.nonfinite_policy!r}.")
+        self._check_hub()
         # Distillation batches carry teacher inputs and cache keys that no model signature names.
         self.remove_unused_columns = False
         # Each process streams its own shards: accelerate's default (rank 0 reads and dispatches slices) does not
@@ -192,6 +194,40 @@ class DistillationConfig(TrainingArguments):
         elif isinstance(self.accelerator_config, dict):
             self.accelerator_config.setdefault("dispatch_batches", False)
         super().__post_init__()
+
+    def _check_hub(self) -> None:
+        """push_to_hub uploads the exported student (hf_cifd.hub); fail before any work when it cannot."""
+        if not self.push_to_hub:
+            return
+        if str(getattr(self.hub_strategy, "value", self.hub_strategy)) in ("checkpoint", "all_checkpoints"):
+            raise DistillationInputError(
+                f"hub_strategy={self.hub_strategy!s} would upload Trainer checkpoints (the training container, "
+                "optimizer state, training_args.bin), which no library can load: use hub_strategy every_save (the "
+                "exported student at each save) or end, and resume from the local checkpoints.")
+        from .hub import check_hub_reachable
+
+        check_hub_reachable()
+
+    # Tokens are never pickled (training_args.bin in every checkpoint): use HF_TOKEN / `hf auth login` to resume.
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        for key in state:
+            if key.endswith("_token"):
+                state[key] = None
+        return state
+
+    def __copy__(self):
+        new = self.__class__.__new__(self.__class__)
+        new.__dict__.update(self.__dict__)
+        return new
+
+    def __deepcopy__(self, memo):
+        import copy
+
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new
 
     def _check_indistill_and_ckd(self) -> None:
         """InDistill / Comparative KD fields."""

@@ -76,7 +76,8 @@ def _config(output_dir, method, seed, epochs, **overrides):
 
 
 def _accuracy(trainer, test) -> float:
-    return round(trainer.evaluate(test)["eval_accuracy"], 2)
+    """Test accuracy in % (eval_accuracy is a fraction)."""
+    return round(100.0 * trainer.evaluate(test)["eval_accuracy"], 2)
 
 
 def _method_setup(method, seed, epochs, output_dir, teacher, cache_dir, rdm_report, rdm_rates, num_train, **overrides):

@@ -1,14 +1,15 @@
 """The classification recipe pipeline: teacher + student -> (teacher cache -> RDMs) -> distillation -> evaluation.
 
-Used by ``recipes/imagenet_r34_to_r18.py``, ``recipes/imagenet_r50_to_mbv1.py`` and ``recipes/cifar100_cnn10_to_cnn2.py``;
-each recipe only sets the paper's defaults and calls :func:`run_classification`. Public names:
+Used by ``recipes/imagenet_r34_to_r18.py``, ``recipes/imagenet_r50_to_mbv1.py`` and ``recipes/cifar100_cnn10_to_cnn2.py``
+(each one's paper setting is ``recipes/configs/<recipe>.yaml``; the script only calls :func:`recipe_main`) and by
+``hf-cifd distill``. Public names:
 
 * :class:`RecipeArguments`: models, data and stage knobs (an ``HfArgumentParser`` dataclass, next to
   :class:`~hf_cifd.config.DistillationConfig` which holds every Trainer / method flag).
-* :func:`parse_recipe_args`: the two dataclasses from the command line, with a recipe's defaults (and ``--smoke``
-  overrides) filled in for every flag the user did not give.
-* :func:`load_model`: ``"timm:resnet34.a1_in1k"``, ``"hf:<hub id or dir>"``, ``"cnn:cnn10"`` / ``"cnn:<dir>"`` ->
-  an ``nn.Module``, through the adapters' ``load``.
+* :func:`parse_classification_args`: the two dataclasses from the command line, the recipe's YAML (and
+  :data:`SMOKE_DEFAULTS` with ``--smoke``, then ``--config``) as defaults; explicit flags always win.
+* :func:`load_model` (from :mod:`hf_cifd.adapters.specs`): ``"timm:resnet34.a1_in1k"``, ``"hf:<hub id or dir>"``,
+  ``"cnn:cnn10"`` / ``"cnn:<dir>"`` -> an ``nn.Module``, through the adapters' ``load``.
 * :func:`run_classification`: the whole run; returns (and writes, on the main process) ``eval_results.json``.
 
 Stages of :func:`run_classification` (each logged as ``[stage] ...``; the data and model stages are cheap):
@@ -41,13 +42,13 @@ import logging
 import math
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import torch
 
+from .adapters.specs import load_model, split_spec
 from .checks import DistillationInputError
 from .config import DistillationConfig
 
@@ -55,21 +56,12 @@ logger = logging.getLogger("hf_cifd.pipeline")
 
 SMOKE_NUM_CLASSES = 24  # hf_cifd.data.shapes: 6 colours x 4 shapes
 
-IMAGENET_TRAIN_SAMPLES = 1_281_167
-
-IMAGENET_DEFAULTS = {  # the paper's ImageNet setup (Appendix A.2); recipes override models / names
-    "--num_classes": "1000",
-    "--dataset": "timm/imagenet-1k-wds", "--eval_split": "validation", "--num_train_samples": str(IMAGENET_TRAIN_SAMPLES),
-    "--method": "cifd", "--optim": "sgd", "--optim_args": "momentum=0.9",
-    # The paper's lr 2.0 is for batch 1024 per GPU x 4 GPUs (global batch 4096): scale it with your global batch.
-    "--learning_rate": "2.0", "--per_device_train_batch_size": "1024", "--per_device_eval_batch_size": "1024",
-    "--weight_decay": "5e-5", "--num_train_epochs": "88", "--lr_scheduler_type": "linear", "--warmup_steps": str(2 / 88),
-    "--temperature": "2", "--lambda_ce": "1", "--lambda_kl": "1", "--kd_dropout": "0.25", "--embedding_weight": "100",
-    "--embedding_distortion": "smooth_l1", "--use_ibm": "true", "--lambda_ibm": "0.001",
-    "--num_rdms": "3", "--rdm_rates": ["1e4", "5e3", "1e3"], "--rdm_hidden_dims": ["512", "512", "512"],
-    "--rdm_bottleneck_after": "2", "--rdm_activation_after": ["1", "3"], "--rdm_distortion": "smooth_l1",
-    "--rdm_epochs": "30", "--dataloader_num_workers": "8",
-    "--logging_steps": "50", "--save_steps": "2000",
+# --smoke: the shared offline settings (each recipe adds its own small models on top).
+SMOKE_DEFAULTS = {
+    "use_cpu": True, "max_steps": 6, "per_device_train_batch_size": 8, "per_device_eval_batch_size": 24,
+    "save_strategy": "no", "eval_strategy": "no", "logging_steps": 2, "dataloader_num_workers": 0,
+    "rdm_max_steps": 3, "image_size": 32, "num_classes": SMOKE_NUM_CLASSES, "teacher_pretrained": False,
+    "shuffle_buffer": 64, "warmup_steps": 0, "learning_rate": 0.05, "teacher_max_steps": 10,
 }
 
 
@@ -107,8 +99,10 @@ class RecipeArguments:
         "help": "Size of the training set, to turn --num_train_epochs into max_steps for a stream (ImageNet-1k: "
                 "1281167); --max_steps wins."})
     rdm_dir: str | None = field(default=None, metadata={
-        "help": "Load trained RDMs from <rdm_dir>/rdm-image-<i> (RateDistortionModule.from_pretrained) instead of "
+        "help": "Load trained RDMs (rdm-image-<i>/, what train_rdms saves) from this folder or Hub repo id instead of "
                 "caching the teacher and training them."})
+    push_rdms_to_hub: str | None = field(default=None, metadata={
+        "help": "Upload the trained RDMs (weights, cards, rdm_metrics.json, RD curve) as their own Hub repo ORG/NAME."})
     rdm_bottleneck_after: int = field(default=2, metadata={"help": "RDM hidden layers before the bottleneck (paper: 2)."})
     rdm_activation_after: list[int] = field(default_factory=lambda: [1, 3], metadata={
         "help": "1-based RDM hidden layers followed by an activation (paper ImageNet: 1 3)."})
@@ -117,8 +111,9 @@ class RecipeArguments:
     rdm_max_steps: int | None = field(default=None, metadata={"help": "RDM optimizer steps (overrides --rdm_epochs)."})
     rdm_val_fraction: float = field(default=0.05, metadata={"help": "Cached keys held out to report each RDM (paper: 0.05)."})
     cache_dtype: str = field(default="float16", metadata={"help": "Teacher-cache storage dtype: float16 or float32."})
-    train_teacher: bool = field(default=False, metadata={
-        "help": "Train the teacher from scratch first (cross-entropy, method 'student'; saved to <output_dir>/teacher)."})
+    train_teacher: bool | None = field(default=None, metadata={
+        "help": "Train the teacher from scratch first (cross-entropy, method 'student'; saved to <output_dir>/teacher). "
+                "Unset: only when --teacher is a Table 8 name (cnn:cnn10), which has no weights."})
     teacher_epochs: float | None = field(default=None, metadata={"help": "Teacher-training epochs (default: num_train_epochs)."})
     teacher_max_steps: int | None = field(default=None, metadata={"help": "Teacher-training steps (overrides --teacher_epochs)."})
     lr_milestones: list[float] | None = field(default=None, metadata={
@@ -136,66 +131,32 @@ class RecipeArguments:
         if self.cache_dtype not in ("float16", "float32"):
             raise DistillationInputError(f"cache_dtype must be float16 or float32, got {self.cache_dtype!r}.")
         for spec in (self.teacher, self.student):
-            _split_spec(spec)
+            if split_spec(spec)[0] == "open_clip":
+                raise DistillationInputError(f"{spec}: the classification pipeline takes timm:, hf: or cnn: models; "
+                                             "CLIP models go through recipes/clip_vitl_to_vits.py.")
 
 
 # ------------------------------------------------------------------------------------------------ command line
-def _has_flag(argv: list[str], flag: str) -> bool:
-    return any(a == flag or a.startswith(flag + "=") for a in argv)
+def parse_classification_args(defaults: str | Mapping[str, Any] | None = None,
+                              smoke_defaults: Mapping[str, Any] | None = None, argv: list[str] | None = None,
+                              prog: str | None = None) -> tuple[RecipeArguments, DistillationConfig]:
+    """``(RecipeArguments, DistillationConfig)`` from ``argv``: ``defaults`` (the recipe's YAML) and, with ``--smoke``,
+    :data:`SMOKE_DEFAULTS` + ``smoke_defaults`` as defaults, then ``--config``, then the flags
+    (:func:`hf_cifd.recipe_args.parse_recipe_args`)."""
+    from .recipe_args import parse_recipe_args
+
+    smoke = {**SMOKE_DEFAULTS, **dict(smoke_defaults or {})}
+    return parse_recipe_args((RecipeArguments, DistillationConfig), defaults, smoke, argv, prog=prog)
 
 
-def parse_recipe_args(defaults: Mapping[str, Any], smoke_defaults: Mapping[str, Any] | None = None,
-                      argv: list[str] | None = None) -> tuple[RecipeArguments, DistillationConfig]:
-    """``(RecipeArguments, DistillationConfig)`` from ``argv`` (default ``sys.argv[1:]``).
+def recipe_main(recipe_file: str, smoke_defaults: Mapping[str, Any] | None = None,
+                argv: list[str] | None = None) -> dict[str, Any]:
+    """A classification recipe script: its ``configs/<name>.yaml`` as defaults, then :func:`run_classification`."""
+    from .recipe_args import recipe_config_path
 
-    ``defaults`` maps flags to values (a string, or a list for multi-value flags) used when the user did not give the
-    flag; with ``--smoke`` the ``smoke_defaults`` (and the shared smoke settings: CPU, no checkpoints, 6 steps of 8
-    samples, 3 RDM steps, 32 px, random init) are applied on top. Explicit flags always win.
-    """
-    from transformers import HfArgumentParser
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    merged = {"--report_to": "none", **dict(defaults)}
-    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true"):
-        merged["--use_cpu"] = "true"
-    if _has_flag(argv, "--smoke"):
-        merged.update({
-            "--use_cpu": "true", "--max_steps": "6", "--per_device_train_batch_size": "8",
-            "--per_device_eval_batch_size": "24", "--save_strategy": "no", "--eval_strategy": "no",
-            "--logging_steps": "2", "--dataloader_num_workers": "0", "--rdm_max_steps": "3", "--image_size": "32",
-            "--num_classes": str(SMOKE_NUM_CLASSES), "--teacher_pretrained": "false", "--shuffle_buffer": "64",
-            "--warmup_steps": "0", "--learning_rate": "0.05",
-        })
-        merged.update(dict(smoke_defaults or {}))
-    for flag, value in merged.items():
-        if not _has_flag(argv, flag):
-            argv += [flag, *map(str, value)] if isinstance(value, (list, tuple)) else [flag, str(value)]
-    return HfArgumentParser((RecipeArguments, DistillationConfig)).parse_args_into_dataclasses(argv)
-
-
-# ------------------------------------------------------------------------------------------------ models
-def _loaders() -> dict[str, type]:
-    from .adapters import PlainAdapter, TimmAdapter, TransformersAdapter
-
-    return {cls.spec_prefix: cls for cls in (TimmAdapter, TransformersAdapter, PlainAdapter)}
-
-
-def _split_spec(spec: str) -> tuple[str, str]:
-    prefix, sep, name = spec.partition(":")
-    known = ("timm", "hf", "cnn")
-    if not sep or prefix not in known or not name:
-        raise DistillationInputError(
-            f"model spec {spec!r} must be '<library>:<name>' with library one of {known}, e.g. "
-            "'timm:resnet34.a1_in1k', 'hf:microsoft/resnet-18', 'cnn:cnn10' or 'cnn:/path/to/trained_cnn'.")
-    return prefix, name
-
-
-def load_model(spec: str, num_classes: int | None = None, pretrained: bool = False,
-               image_size: int | None = None) -> torch.nn.Module:
-    """An image classifier from a spec ``"<library>:<name>"`` (see :class:`RecipeArguments`), created by the
-    adapter of that library (``TimmAdapter.load``, ``TransformersAdapter.load``, ``PlainAdapter.load``)."""
-    prefix, name = _split_spec(spec)
-    return _loaders()[prefix].load(name, pretrained=pretrained, num_classes=num_classes, image_size=image_size)
+    recipe_args, config = parse_classification_args(recipe_config_path(recipe_file), smoke_defaults, argv,
+                                                    prog=os.path.basename(recipe_file))
+    return run_classification(recipe_args, config)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -360,7 +321,8 @@ class _Run:
         t0 = _stage("teacher training", f"{a.teacher} from scratch, cross-entropy, "
                     + (f"{steps} steps" if steps > 0 else f"{epochs} epochs"))
         cfg = dataclasses.replace(c, method="student", output_dir=os.path.join(self.out, "teacher"), max_steps=steps,
-                                  num_train_epochs=epochs, num_rdms=0, save_strategy="no", eval_strategy="no")
+                                  num_train_epochs=epochs, num_rdms=0, save_strategy="no", eval_strategy="no",
+                                  push_to_hub=False)  # only the student stage pushes
         ds = self.dataset(a.train_split, a.data_files, self.t_train, shuffle=True, max_samples=a.max_train_samples)
         milestones = self.milestone_steps(cfg, ds)
         trainer = _multistep_trainer_cls(milestones, a.lr_gamma)(teacher, args=cfg, train_dataset=ds,
@@ -386,19 +348,14 @@ class _Run:
 
     # -- stages: teacher cache + RDMs ----------------------------------------------------------------------------
     def rdms(self, teacher):
-        from .modules import RateDistortionModule
-
         a, c = self.args, self.config
         if a.rdm_dir:
+            from .hub import load_rdms, resolve_rdm_dir
+
             t0 = _stage("RDMs", f"loading {c.num_rdms} trained RDMs from {a.rdm_dir}")
-            rdms = []
-            for i in range(c.num_rdms):
-                path = os.path.join(a.rdm_dir, f"rdm-image-{i}")
-                if not os.path.isdir(path):
-                    raise DistillationInputError(f"--rdm_dir {a.rdm_dir} has no {os.path.basename(path)}/ "
-                                                 f"(num_rdms={c.num_rdms}); it holds what train_rdms saved.")
-                rdms.append(RateDistortionModule.from_pretrained(path))
-            metrics = os.path.join(a.rdm_dir, "rdm_metrics.json")
+            local = resolve_rdm_dir(a.rdm_dir, c.hub_token)  # a folder, or a Hub repo id downloaded once
+            rdms = load_rdms(local, c.num_rdms, "image")
+            metrics = os.path.join(local, "rdm_metrics.json")
             if os.path.exists(metrics):
                 with open(metrics) as f:
                     self.results["rdm_metrics"] = json.load(f).get("rdms")
@@ -474,7 +431,13 @@ class _Run:
             train, teacher_cache=cache, rdms={"image": rdms}, eval_dataset=val, output_dir=os.path.join(self.out, "rdms"),
             epochs=c.rdm_epochs, max_steps=a.rdm_max_steps, batch_size=batch, learning_rate=c.rdm_learning_rate,
             lambda_ce=c.lambda_ce, lambda_kl=c.lambda_kl, temperature=c.temperature, collate_fn=collate,
-            seed=c.seed, accelerator=self.accelerator, progress=_is_main())
+            seed=c.seed, accelerator=self.accelerator, progress=_is_main(), teacher_name=a.teacher,
+            teacher_hub_id=_teacher_hub_id(a))
+        if a.push_rdms_to_hub and _is_main():
+            from .hub import push_rdm_folder
+
+            push_rdm_folder(os.path.join(self.out, "rdms"), a.push_rdms_to_hub, token=c.hub_token,
+                            private=c.hub_private_repo)
         self.results.update({"rdm_metrics": report.metrics, "rdm_steps": report.steps,
                              "rdm_teacher_accuracy": report.teacher_accuracy,
                              "rdm_teacher_calls": report.teacher_calls})
@@ -503,6 +466,8 @@ class _Run:
         trainer = _multistep_trainer_cls(milestones, a.lr_gamma)(
             student, teacher if c.uses_teacher else None, args=c, train_dataset=train, eval_dataset=evals,
             rdms=rdms, data_collator=collate)
+        trainer.model_card_info.update(teacher=a.teacher, base_model=_teacher_hub_id(a), datasets=[a.dataset],
+                                       eval_split=a.eval_split, rdm_metrics=self.results.get("rdm_metrics"))
         trainer.train()
         self.seconds["distillation"] = time.time() - t0
         t0 = _stage("evaluation", f"{a.eval_split} split")
@@ -517,9 +482,25 @@ class _Run:
         return metrics
 
 
+def _teacher_hub_id(a: RecipeArguments) -> str | None:
+    """The Hub repo of the teacher's pretrained weights (a card's base_model); None for a random / trained-here one."""
+    from .hub import model_hub_id
+
+    return model_hub_id(None, a.teacher, pretrained=a.teacher_pretrained and not _trains_teacher(a))
+
+
+def _trains_teacher(a: RecipeArguments) -> bool:
+    if a.train_teacher is not None:
+        return a.train_teacher
+    from .models import TABLE8
+
+    prefix, name = split_spec(a.teacher)
+    return prefix == "cnn" and name in TABLE8
+
+
 def run_classification(recipe_args: RecipeArguments, config: DistillationConfig) -> dict[str, Any]:
     """Runs a classification recipe end to end (see the module docstring); returns the results that the main
-    process writes to ``<output_dir>/eval_results.json``: ``eval_accuracy`` (top-1 %, eval split), ``eval_loss``,
+    process writes to ``<output_dir>/eval_results.json``: ``eval_accuracy`` (top-1 as a fraction, eval split), ``eval_loss``,
     ``teacher_calls`` (all processes: cache pass + distillation, incl. evaluation batches), the RDM report
     (``rdm_metrics``: rate / distortion / accuracy per RDM on the held-out keys), ``num_processes``,
     ``wall_time_s`` and per-stage seconds."""
@@ -535,7 +516,7 @@ def run_classification(recipe_args: RecipeArguments, config: DistillationConfig)
     if recipe_args.smoke:
         run.smoke_data()
     teacher, student = run.models()
-    if recipe_args.train_teacher:
+    if _trains_teacher(recipe_args):
         teacher = run.train_teacher(teacher)
     teacher.eval().requires_grad_(False)
     rdms = None
@@ -571,8 +552,9 @@ def run_classification(recipe_args: RecipeArguments, config: DistillationConfig)
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """``hf-cifd distill [flags]``: a classification run with the given RecipeArguments / DistillationConfig flags."""
-    recipe_args, config = parse_recipe_args({}, {}, argv)
+    recipe_args, config = parse_classification_args(None, None, argv, prog="hf-cifd distill")
     return run_classification(recipe_args, config)
 
 
-__all__ = ["IMAGENET_DEFAULTS", "RecipeArguments", "load_model", "main", "parse_recipe_args", "run_classification"]
+__all__ = ["RecipeArguments", "SMOKE_DEFAULTS", "load_model", "main", "parse_classification_args", "recipe_main",
+           "run_classification"]

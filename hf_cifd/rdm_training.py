@@ -132,6 +132,8 @@ def train_rdms(
     seed: int = 0,
     accelerator=None,
     progress: bool = True,
+    teacher_name: str | None = None,
+    teacher_hub_id: str | None = None,
 ) -> RDMReport:
     """Trains RDMs (eq. 4, or eq. 5/22 with a classifier head) on a teacher's embeddings.
 
@@ -146,6 +148,8 @@ def train_rdms(
         output_dir: where each RDM (``rdm-<modality>-<i>/``), ``rdm_metrics.json`` and ``rd_curve.png`` go.
         epochs / max_steps: length of training (max_steps wins; required for streaming datasets).
         teacher_cache: a ``hf_cifd.data.TeacherCache`` or its directory: no teacher forward at all.
+        teacher_name / teacher_hub_id: the teacher's id (``timm:resnet34.a1_in1k``) and the Hub repo of its pretrained
+            weights (``timm/resnet34.a1_in1k``, :func:`hf_cifd.hub.model_hub_id`), for the RDMs' model cards.
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -228,8 +232,11 @@ def train_rdms(
     logger.info("RDM stage: %d steps, %d teacher calls", step, teacher_calls)
     report = RDMReport(rdms=trained, metrics=metrics, teacher_calls=teacher_calls, steps=step,
                        teacher_accuracy=teacher_acc, history=history)
+    for row in metrics:
+        trained[row["modality"]][row["index"]].card_info = {"teacher": teacher_name, "teacher_hub_id": teacher_hub_id,
+                                                            **row}
     if output_dir and accelerator.is_main_process:
-        save_rdm_report(report, output_dir)
+        save_rdm_report(report, output_dir, teacher_name, teacher_hub_id)
     return report
 
 
@@ -285,16 +292,25 @@ def evaluate_rdms(rdms, dataset, runner: TeacherRunner, collate, batch_size, acc
     return metrics, teacher_acc
 
 
-def save_rdm_report(report: RDMReport, output_dir: str) -> None:
-    """Saves each RDM (``save_pretrained``), ``rdm_metrics.json`` and the rate-accuracy plot ``rd_curve.png``."""
+def save_rdm_report(report: RDMReport, output_dir: str, teacher_name: str | None = None,
+                    teacher_hub_id: str | None = None) -> None:
+    """Saves each RDM (``save_pretrained``, with its card), ``rdm_metrics.json``, the rate-accuracy plot
+    ``rd_curve.png`` and the folder's card ``README.md`` (pushable as one Hub repo: ``hf-cifd push``)."""
+    from .hub import rdm_collection_card
+
     os.makedirs(output_dir, exist_ok=True)
     for m, mods in report.rdms.items():
         for i, rdm in enumerate(mods):
-            rdm.save_pretrained(os.path.join(output_dir, f"rdm-{m}-{i}"))
+            path = os.path.join(output_dir, f"rdm-{m}-{i}")
+            if os.path.exists(os.path.join(path, "README.md")):
+                os.remove(os.path.join(path, "README.md"))  # the mixin never overwrites a card
+            rdm.save_pretrained(path)
+    summary = {"rdms": report.metrics, "teacher_accuracy": report.teacher_accuracy, "teacher": teacher_name,
+               "teacher_calls": report.teacher_calls, "steps": report.steps}
     with open(os.path.join(output_dir, "rdm_metrics.json"), "w") as f:
-        json.dump({"rdms": report.metrics, "teacher_accuracy": report.teacher_accuracy,
-                   "teacher_calls": report.teacher_calls, "steps": report.steps}, f, indent=2)
+        json.dump(summary, f, indent=2)
     plot_rd_curve(report.metrics, os.path.join(output_dir, "rd_curve.png"), report.teacher_accuracy)
+    rdm_collection_card(summary, teacher_name, teacher_hub_id=teacher_hub_id).save(os.path.join(output_dir, "README.md"))
 
 
 def _y_key(rows: Sequence[Mapping[str, Any]]) -> str:

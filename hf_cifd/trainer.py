@@ -8,14 +8,18 @@ What it overrides, and why:
 * ``compute_loss``: teacher (or its cached outputs) -> frozen RDMs -> student -> the method's named terms.
 * ``prediction_step``: eval loss + student logits for ``compute_metrics``.
 * ``log``: adds each loss term's running mean and the teacher-call count to Trainer's logs.
-* ``save_model``: checkpoints keep the whole container; the final save / ``push_to_hub`` writes the student
-  alone, in its own library's format.
+* ``save_model``: checkpoints keep the whole container; the final save writes the student alone, in its own
+  library's format, with its model card (:mod:`hf_cifd.hub`), and pushes it when ``push_to_hub`` is set.
+* ``push_to_hub`` / ``_push_from_checkpoint``: the exported student (weights, config, processor / tokenizer, card) is
+  staged in a clean folder (``<output_dir>/.hub_staging``) and only that folder is uploaded: never checkpoints,
+  ``training_args.bin``, caches, RDMs, the teacher or data.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -103,8 +107,10 @@ class DistillationTrainer(StreamTrackingMixin, Trainer):
 
     Args:
         model: the student (timm, transformers, open_clip, or an nn.Module returning (embedding, logits)).
-        teacher: the frozen teacher (same kinds). May be None when ``args.teacher_cache_dir`` /
-            ``teacher_cache`` supplies its outputs, or for methods without a teacher.
+        teacher: the frozen teacher (same kinds), or its id (``"timm:resnet34.tv_in1k"``, ``"hf:<repo or dir>"``,
+            ``"open_clip:ViT-L-14@openai"``, ``"cnn:<dir>"``; loaded with pretrained weights through the adapters).
+            May be None when ``args.teacher_cache_dir`` / ``teacher_cache`` supplies its outputs, or for methods
+            without a teacher.
         args: a :class:`DistillationConfig`.
         rdms: trained :class:`RateDistortionModule` s (see :func:`hf_cifd.train_rdms`): a list (single-modality
             models) or a dict modality -> list (CLIP: "image", "text").
@@ -116,6 +122,9 @@ class DistillationTrainer(StreamTrackingMixin, Trainer):
             Method ``takd`` distils from the last one (the teacher is then not needed); ``dgkd`` runs the teacher and
             every assistant on each batch. Their forward passes are logged as ``assistant_calls``.
         Other arguments are Trainer's.
+
+    ``model_card_info`` (a dict: ``teacher``, ``base_model``, ``datasets``, ``eval_split``, ``rdm_metrics``) feeds the
+    exported student's card; the recipes fill in the dataset and the RDM report.
     """
 
     # compute_loss returns a per-batch mean: Trainer divides it by the accumulation steps exactly once.
@@ -124,7 +133,7 @@ class DistillationTrainer(StreamTrackingMixin, Trainer):
     def __init__(
         self,
         model: nn.Module,
-        teacher: nn.Module | None = None,
+        teacher: nn.Module | str | None = None,
         args: DistillationConfig | None = None,
         train_dataset=None,
         eval_dataset=None,
@@ -144,6 +153,16 @@ class DistillationTrainer(StreamTrackingMixin, Trainer):
         check_world_size(args.world_size)
         # Trainer seeds in its __init__, after the IBM / projectors below are created: seed them the same way.
         enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
+        teacher_spec = teacher if isinstance(teacher, str) else None
+        if teacher_spec is not None:
+            from .adapters.specs import load_model
+
+            teacher = load_model(teacher_spec, pretrained=True)
+        from .hub import model_hub_id
+
+        base_model = model_hub_id(None, teacher_spec) if teacher_spec else model_hub_id(teacher)
+        self.model_card_info: dict[str, Any] = {"teacher": teacher_spec, "base_model": base_model,
+                                                "datasets": None, "eval_split": None, "rdm_metrics": None}
         self.student_adapter = student_adapter or adapter_for(model)
         self.method = build_method(args, self.student_adapter.task)
         # Comparative KD add-on, teacher-call budget subset and InDistill warm-up (methods/ckd.py, indistill.py):
@@ -547,40 +566,54 @@ class DistillationTrainer(StreamTrackingMixin, Trainer):
             logs["skipped_steps"] = self._nonfinite.skipped
         super().log(logs, start_time)
 
-    # ------------------------------------------------------------------ saving
+    # ------------------------------------------------------------------ saving and sharing
     def create_model_card(self, model_name: str | None = None, language: str | None = None,
                           license: str | None = None, tags: str | list[str] | None = None,
-                          finetuned_from: str | None = None, dataset: str | list[str] | None = None, **kwargs) -> None:
-        """``README.md`` for the exported student (``push_to_hub`` writes it): Trainer's own card assumes a
-        ``PreTrainedModel``; this one names the student's library, the method, its knobs and the last metrics."""
+                          finetuned_from: str | None = None, dataset: str | list[str] | None = None,
+                          output_dir: str | None = None, **kwargs) -> None:
+        """Writes ``README.md`` for the exported student to ``output_dir`` (default ``args.output_dir``): Trainer's
+        own card assumes a ``PreTrainedModel``; this one (:func:`hf_cifd.hub.student_model_card`) has the student's
+        library, pipeline tag, teacher as ``base_model``, datasets and a ``model-index`` of the last evaluation."""
         if not self.is_world_process_zero():
             return
-        from huggingface_hub import ModelCard, ModelCardData
+        from .hub import student_model_card
 
-        a = self.args
-        extra_tags = [tags] if isinstance(tags, str) else list(tags or [])
-        data = ModelCardData(library_name=self.student_adapter.library, license=license, language=language,
-                             base_model=finetuned_from, datasets=[dataset] if isinstance(dataset, str) else dataset,
-                             tags=["knowledge-distillation", "hf_cifd", a.method, *extra_tags])
-        knobs = {"method": a.method, "temperature": a.temperature, "lambda_ce": a.lambda_ce, "lambda_kl": a.lambda_kl,
-                 "kd_dropout": a.kd_dropout, "embedding_weight": a.embedding_weight,
-                 "embedding_distortion": a.embedding_distortion, "num_rdms": {m: len(r) for m, r in self.rdms.items()},
-                 "rdm_rates": a.rdm_rates, "use_ibm": a.use_ibm, "lambda_ibm": a.lambda_ibm,
-                 "learning_rate": a.learning_rate, "train_batch_size": a.per_device_train_batch_size,
-                 "global_steps": self.state.global_step, "seed": a.seed}
+        a, info = self.args, self.model_card_info
+        output_dir = output_dir or a.output_dir
+        rdms = {m: len(r) for m, r in self.rdms.items()}
+        settings = {"method": a.method, "temperature": a.temperature, "lambda_ce": a.lambda_ce,
+                    "lambda_kl": a.lambda_kl}
+        if self.method.uses_rdms:
+            settings.update(kd_dropout=a.kd_dropout, num_rdms=rdms or 0, rdm_rates=a.rdm_rates if rdms else None,
+                            use_ibm=a.use_ibm, lambda_ibm=a.lambda_ibm if a.use_ibm else None)
+        if self.method.matches_embeddings:
+            settings.update(embedding_weight=a.embedding_weight, embedding_distortion=a.embedding_distortion)
+        if self.student_adapter.task == "clip":
+            settings["lambda_cl"] = a.lambda_cl
+        settings.update(learning_rate=a.learning_rate, per_device_train_batch_size=a.per_device_train_batch_size,
+                        seed=a.seed)
+        settings = {k: v for k, v in settings.items() if v is not None}
         metrics = next((h for h in reversed(self.state.log_history) if any(k.startswith("eval_") for k in h)), {})
+        runtime = next((h["train_runtime"] for h in reversed(self.state.log_history) if "train_runtime" in h), None)
+        cost = {"optimizer steps": self.state.global_step, "teacher calls (this process)": self.teacher_calls}
+        if runtime is not None:
+            cost["training time (s)"] = round(runtime, 1)
+        datasets = [dataset] if isinstance(dataset, str) else (dataset or info.get("datasets"))
+        name = model_name or (a.hub_model_id or "").split("/")[-1] or os.path.basename(os.path.abspath(output_dir))
         library = self.student_adapter.library
-        loads_alone = (" The files are the student alone in its library's own format: no hf_cifd is needed to use it."
-                       if library in ("timm", "transformers", "open_clip") else
-                       " The files are the student alone (safetensors + config.json); load them into its own class.")
-        lines = [f"# {model_name or os.path.basename(os.path.abspath(a.output_dir))}", "",
-                 f"A {library} model distilled with [hf_cifd](https://github.com/hf-cifd/hf_cifd) (method "
-                 f"`{a.method}`).{loads_alone}", "",
-                 "## Distillation settings", "", *[f"- {k}: {v}" for k, v in knobs.items()], "",
-                 "## Evaluation", ""]
-        lines += [f"- {k}: {v}" for k, v in metrics.items()] or ["No evaluation was run."]
-        ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n").save(
-            os.path.join(a.output_dir, "README.md"))
+        if library == "torch":  # a plain module: hf_cifd's own Hub-mixin classes (SimpleCNN) or bare PyTorch
+            from huggingface_hub import PyTorchModelHubMixin
+
+            student = self.accelerator.unwrap_model(self.model_wrapped).student
+            library = "hf_cifd" if isinstance(student, PyTorchModelHubMixin) else "pytorch"
+        card = student_model_card(
+            model_name=name, library=library, task=self.student_adapter.task, method=a.method,
+            settings=settings, metrics=metrics, teacher=info.get("teacher"),
+            teacher_hub_id=finetuned_from or info.get("base_model"), datasets=datasets,
+            eval_split=info.get("eval_split"), rdm_rows=info.get("rdm_metrics"), cost=cost,
+            repo_id=a.hub_model_id, tags=[tags] if isinstance(tags, str) else list(tags or []), license=license)
+        os.makedirs(output_dir, exist_ok=True)
+        card.save(os.path.join(output_dir, "README.md"))
 
     # ------------------------------------------------------------------ checkpoints and resume
     def _run_state(self) -> dict[str, Any]:
@@ -654,9 +687,11 @@ class DistillationTrainer(StreamTrackingMixin, Trainer):
             # A checkpoint: the whole container (student + IBM + projectors), so that training resumes exactly.
             return super().save_model(output_dir, _internal_call)
         self.save_student(output_dir)
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
     def save_student(self, output_dir: str) -> None:
-        """Writes the student alone (no IBM, projectors or RDMs) in its library's own format."""
+        """Writes the student alone (no IBM, projectors or RDMs) in its library's own format, with its card."""
         student = self.accelerator.unwrap_model(self.model_wrapped).student
         zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
         if zero3:
@@ -668,7 +703,75 @@ class DistillationTrainer(StreamTrackingMixin, Trainer):
         elif self.args.should_save:
             self.student_adapter.save(student, output_dir)
         if self.args.should_save:
-            logger.info("Saved the %s student to %s", self.student_adapter.library, output_dir)
+            self.create_model_card(output_dir=output_dir)
+            logger.info("Saved the %s student (+ model card) to %s", self.student_adapter.library, output_dir)
+
+    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
+        """Trainer's repo creation, with offline mode / no network / no login as one clear error."""
+        from .hub import _hub_error, check_hub_reachable
+
+        check_hub_reachable()
+        try:
+            super().init_hf_repo(token=token, private=private)
+        except Exception as e:  # noqa: BLE001
+            err = _hub_error(e)
+            if err is None:
+                raise
+            raise err from None
+
+    def _stage_student(self) -> str:
+        """The exported student in a clean ``<output_dir>/.hub_staging`` (every process: ZeRO-3 gathers)."""
+        staging = os.path.join(self.args.output_dir, ".hub_staging")
+        if self.args.should_save and os.path.exists(staging):
+            shutil.rmtree(staging)
+        self.save_student(staging)
+        return staging
+
+    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True,
+                    token: str | None = None, revision: str | None = None, private: bool | None = None, **kwargs):
+        """Uploads the exported student alone (staged by :meth:`save_student` in a clean folder: weights, config,
+        processor / tokenizer, card) to ``args.hub_model_id``; nothing else in ``output_dir`` is uploaded."""
+        from .hub import check_hub_reachable, upload_folder
+
+        check_hub_reachable()
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        self._finish_current_push()
+        staging = self._stage_student()
+        if not self.is_world_process_zero():
+            return None
+        if self.hub_model_id is None:
+            self.init_hf_repo(token=token, private=private)
+        info = upload_folder(staging, self.hub_model_id, token=token if token is not None else self.args.hub_token,
+                             commit_message=commit_message, revision=revision or self.args.hub_revision,
+                             run_as_future=not blocking, create_repo=False)  # init_hf_repo created it
+        if blocking:
+            shutil.rmtree(staging, ignore_errors=True)
+        return info
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """At each save (hub_strategy every_save): the student exported from the current weights, not the
+        checkpoint (which holds the training container, optimizer state and training_args.bin)."""
+        from transformers.trainer_utils import HubStrategy
+
+        from .hub import upload_folder
+
+        if self.args.hub_strategy == HubStrategy.END:
+            return
+        pending = getattr(self, "push_in_progress", None)
+        busy = pending is not None and not pending.is_done()
+        if busy and not self.args.hub_always_push:
+            return
+        self._finish_current_push()  # the staging folder is reused: let the last upload finish
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        staging = self._stage_student()
+        if not self.is_world_process_zero():
+            return
+        from transformers.utils import PushInProgress
+
+        job = upload_folder(staging, self.hub_model_id, token=self.args.hub_token, run_as_future=True,
+                            commit_message=f"Training in progress, step {self.state.global_step}",
+                            revision=self.args.hub_revision, create_repo=False)
+        self.push_in_progress = PushInProgress([job])
 
 
 def _ibm_decoder_layers(args, modality: str, dim: int, teacher_dim: int) -> int:
@@ -732,8 +835,8 @@ def _dataset_keys(dataset) -> list[str] | None:
 
 
 def accuracy_metrics(eval_pred) -> dict[str, float]:
-    """Top-1 accuracy (%) of the student's logits on the evaluation set."""
+    """Top-1 accuracy of the student's logits on the evaluation set, as a fraction (the HF convention: 0.5 = 50 %)."""
     logits, labels = eval_pred.predictions, eval_pred.label_ids
     if isinstance(logits, tuple):
         logits = logits[0]
-    return {"accuracy": float(100.0 * np.mean(np.argmax(logits, axis=-1) == labels))}
+    return {"accuracy": float(np.mean(np.argmax(logits, axis=-1) == labels))}

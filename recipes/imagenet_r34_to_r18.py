@@ -5,7 +5,8 @@
     accelerate launch --config_file recipes/configs/accelerate/multi_gpu.yaml recipes/imagenet_r34_to_r18.py --output_dir runs/x
     ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 recipes/imagenet_r34_to_r18.py --smoke --output_dir /tmp/smoke  # 2 CPU processes
 
-Paper defaults (every one overridable by its flag; any DistillationConfig / RecipeArguments flag works): teacher
+Paper defaults (``recipes/configs/imagenet_r34_to_r18.yaml``; each overridable by its flag or ``--config my.yaml``; every
+DistillationConfig / RecipeArguments flag works): teacher
 ``timm:resnet34.a1_in1k`` (pretrained), student ``timm:resnet18`` (random init), ``timm/imagenet-1k-wds`` streamed
 (gated on the Hub: log in first), SGD (momentum 0.9) lr 2.0, batch 1024 per device, weight decay 5e-5, 88 epochs,
 tau 2, lambda_CE = lambda_KL = lambda_n = 1, KD dropout 0.25, embedding-loss weight 100 with smooth-L1, IBM with
@@ -19,16 +20,13 @@ time), ``<output_dir>/rdms/`` and the student in timm's format to ``<output_dir>
 generated coloured-shapes webdataset (see :mod:`hf_cifd.pipeline`).
 """
 
-SMOKE = {"--teacher": "timm:resnet34", "--student": "timm:resnet18"}
+SMOKE = {"teacher": "timm:resnet34", "student": "timm:resnet18"}  # --smoke: random-init models (on top of hf_cifd.pipeline.SMOKE_DEFAULTS)
 
 
 def main():
-    from hf_cifd.pipeline import IMAGENET_DEFAULTS, parse_recipe_args, run_classification
+    from hf_cifd.pipeline import recipe_main
 
-    defaults = {**IMAGENET_DEFAULTS, "--teacher": "timm:resnet34.a1_in1k", "--student": "timm:resnet18",
-                "--output_dir": "runs/imagenet_r34_to_r18"}
-    recipe_args, config = parse_recipe_args(defaults, SMOKE)
-    run_classification(recipe_args, config)
+    recipe_main(__file__, SMOKE)
 
 
 if __name__ == "__main__":

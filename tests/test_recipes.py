@@ -67,7 +67,7 @@ def test_recipe_smoke_two_processes(recipe, tmp_path):
     elapsed = time.time() - start
     assert res.returncode == 0, res.stderr[-5000:]
     results = json.loads((out / "eval_results.json").read_text())
-    assert 0.0 <= results["eval_accuracy"] <= 100.0
+    assert 0.0 <= results["eval_accuracy"] <= 1.0  # a fraction
     assert results["num_processes"] == 2, results  # two real processes
     assert results["method"] == "cifd"
     assert results["teacher_calls"] > 0 and results["teacher_calls_cache"] == 192  # the cache pass: once per sample
@@ -88,11 +88,10 @@ def test_recipe_smoke_two_processes(recipe, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ fast checks
-def test_load_model_specs_and_recipe_flags(tmp_path):
+def test_load_model_specs(tmp_path):
     from hf_cifd import DistillationInputError
-    from hf_cifd.adapters import adapter_for
+    from hf_cifd.adapters import adapter_for, load_model
     from hf_cifd.models import SimpleCNN
-    from hf_cifd.pipeline import load_model, parse_recipe_args
 
     timm_model = load_model("timm:resnet18", num_classes=7, image_size=32)
     assert adapter_for(timm_model).library == "timm" and timm_model.num_classes == 7
@@ -106,12 +105,5 @@ def test_load_model_specs_and_recipe_flags(tmp_path):
             load_model(bad)
     with pytest.raises(DistillationInputError, match="no published weights"):
         load_model("cnn:cnn10", pretrained=True)
-
-    defaults = {"--learning_rate": "2.0", "--rdm_rates": ["1e4", "5e3", "1e3"], "--num_train_epochs": "88"}
-    args, config = parse_recipe_args(defaults, {"--teacher": "timm:resnet34"},
-                                     ["--output_dir", str(tmp_path / "o"), "--learning_rate=0.5"])
-    assert config.learning_rate == 0.5 and config.rdm_rates == [1e4, 5e3, 1e3] and not args.smoke  # explicit wins
-    args, config = parse_recipe_args(defaults, {"--teacher": "timm:resnet34"},
-                                     ["--smoke", "--output_dir", str(tmp_path / "o"), "--max_steps", "2"])
-    assert args.smoke and args.teacher == "timm:resnet34" and args.image_size == 32 and not args.teacher_pretrained
-    assert config.max_steps == 2 and config.per_device_train_batch_size == 8 and config.use_cpu
+    with pytest.raises(DistillationInputError, match="names no pretrained weights"):
+        load_model("open_clip:ViT-S-16", pretrained=True)

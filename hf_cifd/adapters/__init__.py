@@ -9,5 +9,7 @@ from .open_clip import OpenCLIPAdapter  # registered first: lookup order = regis
 from .plain import PlainAdapter
 from .timm import TimmAdapter
 from .transformers import TransformersAdapter
+from .specs import load_model, split_spec
 
-__all__ = ["Encoded", "ModelAdapter", "adapter_for", "register_adapter", "OpenCLIPAdapter", "PlainAdapter", "TimmAdapter", "TransformersAdapter"]
+__all__ = ["Encoded", "ModelAdapter", "adapter_for", "register_adapter", "OpenCLIPAdapter", "PlainAdapter", "TimmAdapter", "TransformersAdapter",
+           "load_model", "split_spec"]

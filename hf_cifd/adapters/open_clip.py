@@ -96,6 +96,7 @@ def create_openclip(
             cfg["quick_gelu"] = True
     net.hf_cifd_model_cfg = cfg
     net.hf_cifd_tokenizer = tokenizer
+    net.hf_cifd_transforms = (pre_train, pre_val)
     return net, pre_train, pre_val, tokenizer
 
 
@@ -112,6 +113,20 @@ class OpenCLIPAdapter(ModelAdapter):
     task = "clip"
     modalities = ("image", "text")
     library = "open_clip"
+    spec_prefix = "open_clip"
+
+    @staticmethod
+    def load(name, pretrained=False, num_classes=None, *, image_size=None):
+        """``"ViT-L-14@openai"`` (a built-in architecture and its pretrained tag, loaded when ``pretrained``),
+        ``"hf-hub:org/repo"`` or ``"local-dir:PATH"`` via :func:`create_openclip`; its transforms and tokenizer are
+        kept on the model (``image_transform``, ``tokenizer``)."""
+        arch, _, tag = name.partition("@")
+        if pretrained and not tag and not arch.startswith(("hf-hub:", "local-dir:")):
+            raise DistillationInputError(
+                f"open_clip:{name} names no pretrained weights: add the tag, e.g. open_clip:{arch}@openai "
+                "(open_clip.list_pretrained() lists them), or set pretrained to false for random init.")
+        kwargs = {} if image_size is None else {"force_image_size": image_size}
+        return create_openclip(arch, tag if pretrained and tag else None, **kwargs)[0]
 
     @staticmethod
     def matches(model: nn.Module) -> bool:
@@ -145,6 +160,18 @@ class OpenCLIPAdapter(ModelAdapter):
         image = net.encode_image(images, normalize=False)
         text = net.encode_text(tokens, normalize=False)
         return Encoded(embeddings={"image": image, "text": text}, logit_scale=net.logit_scale.exp())
+
+    def image_transform(self, model, train):
+        transforms = getattr(_unwrap(model), "hf_cifd_transforms", None)
+        if transforms is None:
+            raise DistillationInputError("this open_clip model was not created by create_openclip: pass its "
+                                         "preprocess transforms explicitly.")
+        return transforms[0 if train else 1]
+
+    @staticmethod
+    def tokenizer(model):
+        """The model's tokenizer (recorded by :func:`create_openclip`)."""
+        return getattr(_unwrap(model), "hf_cifd_tokenizer", None)
 
     def save(self, model, output_dir):
         from safetensors.torch import save_file

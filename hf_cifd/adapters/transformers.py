@@ -17,14 +17,23 @@ class TransformersAdapter(ModelAdapter):
         """``AutoModelForImageClassification`` from a Hub id or directory: its weights (``pretrained``; a new head
         when ``num_classes`` differs) or its config with random init. ``image_size`` sets ``config.image_size``
         (models that have one, e.g. ViT)."""
-        from transformers import AutoConfig, AutoModelForImageClassification
+        from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
 
         kwargs = {} if num_classes is None else {"num_labels": num_classes}
         if image_size:
             kwargs["image_size"] = image_size
         if pretrained:
-            return AutoModelForImageClassification.from_pretrained(name, ignore_mismatched_sizes=True, **kwargs)
-        return AutoModelForImageClassification.from_config(AutoConfig.from_pretrained(name, **kwargs))
+            model = AutoModelForImageClassification.from_pretrained(name, ignore_mismatched_sizes=True, **kwargs)
+        else:
+            model = AutoModelForImageClassification.from_config(AutoConfig.from_pretrained(name, **kwargs))
+        try:
+            model.hf_cifd_image_processor = AutoImageProcessor.from_pretrained(name)
+        except (OSError, ValueError) as e:  # a config-only folder / repo: transforms must then be passed explicitly
+            model.hf_cifd_image_processor = None
+            model.hf_cifd_processor_error = f"{type(e).__name__}: {e}"
+        if model.hf_cifd_image_processor is not None and image_size:
+            _resize_processor(model.hf_cifd_image_processor, image_size)
+        return model
 
     @staticmethod
     def matches(model: nn.Module) -> bool:
@@ -58,5 +67,66 @@ class TransformersAdapter(ModelAdapter):
     def head(self, model, embedding):
         return model.classifier(embedding)
 
+    @staticmethod
+    def image_processor(model):
+        """The model's ``AutoImageProcessor`` (kept by :meth:`load`, else read from ``config._name_or_path``)."""
+        processor = getattr(model, "hf_cifd_image_processor", None)
+        if processor is None and not hasattr(model, "hf_cifd_image_processor"):
+            from transformers import AutoImageProcessor
+
+            try:
+                processor = AutoImageProcessor.from_pretrained(model.config._name_or_path)
+            except (OSError, ValueError):
+                processor = None
+            model.hf_cifd_image_processor = processor
+        return processor
+
+    def image_transform(self, model, train):
+        """torchvision transforms from the model's image processor (size, crop, mean / std), as in transformers'
+        image-classification example: RandomResizedCrop + flip for training, Resize + CenterCrop for evaluation."""
+        from torchvision import transforms as T
+
+        processor = self.image_processor(model)
+        if processor is None:
+            from ..checks import DistillationInputError
+
+            raise DistillationInputError(
+                f"{model.config._name_or_path or type(model).__name__} has no image processor "
+                f"({getattr(model, 'hf_cifd_processor_error', 'preprocessor_config.json not found')}): save one with "
+                "AutoImageProcessor(...).save_pretrained(<model dir>) or pass transforms explicitly.")
+        size = processor.size or {}
+        if "shortest_edge" in size:
+            resize = crop = size["shortest_edge"]
+        else:
+            resize = crop = (size["height"], size["width"])
+        crop_size = getattr(processor, "crop_size", None)
+        if getattr(processor, "do_center_crop", False) and crop_size:
+            crop = (crop_size["height"], crop_size["width"])
+        normalize = T.Normalize(processor.image_mean, processor.image_std)
+        if train:
+            steps = [T.RandomResizedCrop(crop), T.RandomHorizontalFlip()]
+        else:
+            steps = [T.Resize(resize), T.CenterCrop(crop)]
+        return T.Compose([T.Lambda(_rgb), *steps, T.ToTensor(), normalize])
+
     def save(self, model, output_dir):
+        """``save_pretrained`` (safetensors) + the image processor, so that
+        ``pipeline("image-classification", model=output_dir)`` works."""
         model.save_pretrained(output_dir, safe_serialization=True)
+        processor = self.image_processor(model)
+        if processor is not None:
+            processor.save_pretrained(output_dir)
+
+
+def _rgb(image):
+    return image.convert("RGB") if hasattr(image, "convert") else image
+
+
+def _resize_processor(processor, image_size: int) -> None:
+    """Makes the processor produce ``image_size`` inputs (the recipes' ``--image_size``)."""
+    if "shortest_edge" in (processor.size or {}):
+        processor.size = {"shortest_edge": image_size}
+    else:
+        processor.size = {"height": image_size, "width": image_size}
+    if getattr(processor, "crop_size", None):
+        processor.crop_size = {"height": image_size, "width": image_size}

@@ -51,7 +51,6 @@ class RateDistortionModule(
     StrictHubMixin,
     library_name="hf_cifd",
     tags=["knowledge-distillation", "cifd", "rate-distortion-module"],
-    repo_url="https://github.com/hf-cifd/hf_cifd",
 ):
     """A small MLP autoencoder over a teacher embedding with a learned entropy bottleneck.
 
@@ -68,6 +67,10 @@ class RateDistortionModule(
         rate_weight: R in eq.(4): weight of the distortion against the rate (bits); 0 = no distortion term.
         distortion: "mse" or "smooth_l1" (element mean: ``||X - X^||^2 / dim`` averaged over the batch).
         reconstruction: see :data:`RECONSTRUCTIONS`.
+
+    ``save_pretrained`` / ``push_to_hub`` (huggingface_hub's mixin) write ``config.json``, ``model.safetensors`` and a
+    card (:func:`hf_cifd.hub.rdm_model_card`) stating the teacher, R, and the measured bits / distortion / accuracy that
+    :func:`hf_cifd.train_rdms` records in ``card_info``. ``from_pretrained`` takes a folder or a Hub repo id.
     """
 
     def __init__(
@@ -143,6 +146,13 @@ class RateDistortionModule(
         CIFAR-100"): none directly before the bottleneck."""
         return cls(embed_dim, hidden_dims=(512, 306, 100), bottleneck_after=2, activate=(True, False, True),
                    num_classes=num_classes, rate_weight=rate_weight, distortion=distortion, reconstruction="none")
+
+    card_info: dict | None = None  # teacher + measured rate / distortion / accuracy, for the model card
+
+    def generate_model_card(self, *args, **kwargs):
+        from ..hub import rdm_model_card
+
+        return rdm_model_card(self)
 
     @property
     def bottleneck_dim(self) -> int:
