@@ -130,9 +130,9 @@ def test_finish_reads_size_interpolation_and_normalisation():
 
 
 def test_pipeline_builds_shared_views_when_preprocessing_differs(tmp_path):
-    from hf_cifd.pipeline import _Run, parse_recipe_args
+    from hf_cifd.pipeline import _Run, parse_classification_args
 
-    args, config = parse_recipe_args({}, {}, ["--output_dir", str(tmp_path / "o"), "--teacher", "timm:resnet18",
+    args, config = parse_classification_args(None, None, ["--output_dir", str(tmp_path / "o"), "--teacher", "timm:resnet18",
                                               "--student", "cnn:cnn2", "--num_classes", "10", "--use_cpu", "true", "--teacher_pretrained", "false",
                                               "--report_to", "none"])
     run = _Run(args, config)
