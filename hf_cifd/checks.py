@@ -7,6 +7,7 @@ the fix, so that bad input fails before expensive work starts.
 from __future__ import annotations
 
 import math
+from typing import Mapping
 import os
 
 import torch
@@ -37,6 +38,19 @@ def check_finite(name: str, tensor: torch.Tensor) -> None:
             f"{name} contains {bad} non-finite value(s) (NaN or inf). Check the data pipeline and the "
             "model producing it (e.g. a diverged teacher, fp16 overflow, a corrupt cache shard)."
         )
+
+
+def check_all_finite(tensors: Mapping[str, torch.Tensor | None]) -> None:
+    """:func:`check_finite` of several tensors in one reduction (a loss with 8 inputs: ~30 small ops instead of ~130);
+    the error names the first non-finite tensor in the mapping's order. Non-tensors are left to the shape checks."""
+    present = [(name, t) for name, t in tensors.items() if isinstance(t, torch.Tensor)]
+    if not present:
+        return
+    if len({t.device for _, t in present}) == 1 and torch.isfinite(
+            torch.cat([t.detach().reshape(-1) for _, t in present])).all():
+        return
+    for name, t in present:
+        check_finite(name, t)
 
 
 def check_width(name: str, tensor: torch.Tensor, expected: int, hint: str = "") -> None:
