@@ -99,6 +99,11 @@ class DistillationConfig(TrainingArguments):
                                         "training (outputs kept in a temporary directory, 4 bytes x (embedding + "
                                         "classes) x RDMs per sample) instead of at every step; same losses."}
     )
+    # --- training resolution ---
+    progressive_resolution: list[float] | None = field(
+        default=None, metadata={"help": "ffcv progressive resizing: 'min_res max_res start_epoch end_epoch' (ffcv's "
+                                        "ResNet-18 88-epoch config: 160 192 65 76). Training images (pixel_values) "
+                                        "are resized to the epoch's resolution on the fly; unset = off."})
     # --- InDistill warm-up / Comparative KD ---
     indistill_layers: list[str] | None = field(
         default=None,
@@ -181,6 +186,13 @@ class DistillationConfig(TrainingArguments):
                 f"every RDM rate weight R must be >= 0 (0: no distortion term), got {self.rdm_rates}.")
         if self.rdm_weights is not None and len(self.rdm_weights) != self.num_rdms:
             raise DistillationInputError(f"rdm_weights needs {self.num_rdms} values (one per RDM), got {len(self.rdm_weights)}.")
+        if self.progressive_resolution is not None:
+            pr = [float(v) for v in self.progressive_resolution]
+            if len(pr) != 4 or not (0 < pr[0] <= pr[1]) or not (0 <= pr[2] <= pr[3]):
+                raise DistillationInputError(
+                    "progressive_resolution is 'min_res max_res start_epoch end_epoch' with 0 < min_res <= max_res and "
+                    f"start_epoch <= end_epoch (e.g. 160 192 65 76), got {self.progressive_resolution!r}.")
+            self.progressive_resolution = pr
         self._check_indistill_and_ckd()
         if self.nonfinite_policy not in ("stop", "skip"):
             raise DistillationInputError(f"nonfinite_policy must be 'stop' or 'skip', got {self.nonfinite_policy!r}.")

@@ -490,7 +490,24 @@ class DistillationTrainer(StreamTrackingMixin, Trainer):
             self._unwrap_memo = (model, self.accelerator.unwrap_model(model))
         return self._unwrap_memo[1]
 
+    def _at_training_resolution(self, inputs):
+        """``progressive_resolution``: the batch's ``pixel_values`` resized to this epoch's resolution (antialiased
+        bilinear; the teacher reads the same resized images unless it has its own ``teacher_pixel_values``)."""
+        from .data.views import progressive_resolution
+
+        pixels = inputs.get("pixel_values")
+        if pixels is None or pixels.dim() != 4:
+            return inputs
+        res = progressive_resolution(int(self.state.epoch or 0), *self.args.progressive_resolution)
+        if tuple(pixels.shape[-2:]) == (res, res):
+            return inputs
+        resized = torch.nn.functional.interpolate(pixels, size=(res, res), mode="bilinear", antialias=True,
+                                                  align_corners=False)
+        return {**inputs, "pixel_values": resized}
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model.training and self.args.progressive_resolution:
+            inputs = self._at_training_resolution(inputs)
         terms, student = self._stage_terms(model, inputs)
         if terms is None:
             teacher = self.teacher_outputs(inputs)

@@ -141,3 +141,30 @@ def test_pipeline_builds_shared_views_when_preprocessing_differs(tmp_path):
     assert isinstance(train, SharedView) and train.train and not evaluate.train
     assert train.student.size == (32, 32) and train.teacher.size == (224, 224) and train.pad == pytest.approx(1 / 8)
     assert_same_crops(train, n=5, tol=0.02, spread_tol=0.1)  # 32 px vs 224 px renderings of one crop
+
+
+def test_progressive_resolution_follows_ffcv_and_reaches_the_student(tmp_path):
+    from hf_cifd import DistillationConfig, DistillationInputError, DistillationTrainer
+    from hf_cifd.data.views import progressive_resolution
+
+    # ffcv rn18 88 epochs: 160 up to epoch 65, 192 from 76, linear in between, multiples of 32
+    assert [progressive_resolution(e, 160, 192, 65, 76) for e in (0, 65, 70, 71, 76, 87)] == [160, 160, 160, 192, 192, 192]
+    from test_indistill import TinyCNN
+
+    class Data(torch.utils.data.Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            return {"pixel_values": torch.randn(3, 64, 64), "labels": i % 4}
+
+    seen = []
+    student = TinyCNN(seed=2)
+    student.conv1.register_forward_hook(lambda m, inp, out: seen.append(inp[0].shape[-1]) if m.training else None)
+    args = DistillationConfig(output_dir=str(tmp_path / "o"), method="kd", per_device_train_batch_size=8,
+                              num_train_epochs=3, progressive_resolution=[32, 64, 0, 2], report_to=[], use_cpu=True,
+                              save_strategy="no", disable_tqdm=True)
+    DistillationTrainer(student, TinyCNN(seed=1), args=args, train_dataset=Data()).train()
+    assert seen == [32, 64, 64]  # epoch 0: min; epoch 1: 48 -> rounded to 64; epoch 2: max
+    with pytest.raises(DistillationInputError, match="progressive_resolution is"):
+        DistillationConfig(output_dir=str(tmp_path / "o"), progressive_resolution=[192, 160, 0, 1], report_to=[])

@@ -198,4 +198,17 @@ def needs_teacher_view(student_eval, teacher_eval) -> bool:
     return finish_of(student_eval)[0] != finish_of(teacher_eval)[0]
 
 
-__all__: Sequence[str] = ("Finish", "SharedView", "finish_of", "needs_teacher_view", "shared_views")
+def progressive_resolution(epoch: float, min_res: int, max_res: int, start_epoch: float, end_epoch: float) -> int:
+    """ffcv's progressive-resizing rule (ffcv-imagenet ``get_resolution``, the "defaults from ffcv" the paper's
+    ImageNet students train with): ``min_res`` up to ``start_epoch``, ``max_res`` from ``end_epoch``, linear in
+    between, rounded to a multiple of 32."""
+    if epoch <= start_epoch:
+        return int(min_res)
+    if epoch >= end_epoch:
+        return int(max_res)
+    res = min_res + (epoch - start_epoch) / (end_epoch - start_epoch) * (max_res - min_res)
+    return int(round(res / 32)) * 32
+
+
+__all__: Sequence[str] = ("Finish", "SharedView", "finish_of", "needs_teacher_view", "progressive_resolution",
+                          "shared_views")
