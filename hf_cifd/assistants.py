@@ -107,7 +107,8 @@ def train_assistants(
         else:
             method, guide, extra = "dgkd", teacher, assistants[:k]
             guides = ["teacher", *(f"assistant_{j}" for j in range(k))]
-        stage_args = dataclasses.replace(args, method=method, output_dir=os.path.join(args.output_dir, f"assistant-{k}"))
+        stage_args = dataclasses.replace(args, method=method, output_dir=os.path.join(args.output_dir, f"assistant-{k}"),
+                                         push_to_hub=False)  # only the student's run pushes
         if method == "dgkd" and stage_args.dgkd_drop_num >= 1 + len(extra):
             stage_args = dataclasses.replace(stage_args, dgkd_drop_num=len(extra))
         kwargs = dict(trainer_kwargs)

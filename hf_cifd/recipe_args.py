@@ -106,7 +106,9 @@ def parse_recipe_args(dataclass_types: Sequence[type], defaults: str | os.PathLi
     argv = list(sys.argv[1:] if argv is None else argv)
     recipe = defaults if isinstance(defaults, Mapping) else (load_yaml_config(defaults) if defaults else {})
     source = str(defaults) if defaults is not None and not isinstance(defaults, Mapping) else "recipe defaults"
-    layers = [(_base_defaults(), "base defaults"), (dict(recipe), source)]
+    known = {f.name for dtype in dataclass_types for f in dataclasses.fields(dtype)}
+    base = {k: v for k, v in _base_defaults().items() if k in known}  # e.g. no report_to without TrainingArguments
+    layers = [(base, "base defaults"), (dict(recipe), source)]
     probe = [a for a in argv if a not in ("-h", "--help")]  # read --config / --smoke first, without exiting on help
     ns, _ = build_parser(dataclass_types, layers, prog=prog).parse_known_args(probe)
     user = [(load_yaml_config(ns.config), f"--config {ns.config}")] if ns.config else []

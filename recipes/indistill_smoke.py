@@ -19,9 +19,9 @@ Every process checks that no forward hook survives; the main process writes ``sm
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -114,12 +114,25 @@ def run_ckd_budget(output_dir: str, budget: int = 8) -> dict:
     return {"budget": budget, "teacher_calls": logged[-1]}
 
 
+@dataclass
+class SmokeArguments:
+    smoke: bool = field(default=True, metadata={"help": "Tiny random-init models and data (the only mode)."})
+    output_dir: str = field(default="outputs/indistill_smoke", metadata={"help": "Where smoke_results.json goes."})
+    runs: list[str] = field(default_factory=lambda: ["cnn", "vit", "ckd_budget"],
+                            metadata={"help": "Runs to do: cnn, vit, ckd_budget."})
+
+    def __post_init__(self):
+        if not self.smoke:
+            raise SystemExit("indistill_smoke.py has only the smoke mode (tiny random models); --smoke false is not one.")
+        unknown = sorted(set(self.runs) - {"cnn", "vit", "ckd_budget"})
+        if unknown:
+            raise SystemExit(f"--runs: unknown run(s) {unknown}; choose from cnn, vit, ckd_budget.")
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny random-init models and data (the only mode)")
-    parser.add_argument("--output_dir", default="outputs/indistill_smoke")
-    parser.add_argument("--runs", nargs="+", default=["cnn", "vit", "ckd_budget"], choices=["cnn", "vit", "ckd_budget"])
-    opts = parser.parse_args()
+    from hf_cifd.recipe_args import parse_recipe_args
+
+    (opts,) = parse_recipe_args((SmokeArguments,), prog="indistill_smoke.py")
     torch.set_num_threads(1)
     results = {}
     if "cnn" in opts.runs:
