@@ -18,6 +18,7 @@ from .checks import DistillationInputError
 CLASSIFICATION_METHODS = ("student", "kd", "fitnet", "rkd", "pkt", "takd", "dgkd", "cifd", "ckd")
 CLIP_METHODS = ("clip", "openclip", "clipkd", "tinyclip", "cifd", "ckd")
 DISTORTIONS = ("mse", "smooth_l1")
+TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 # repr=False: keep TrainingArguments' __repr__, which redacts hub_token (a regenerated one would print it).
@@ -104,6 +105,12 @@ class DistillationConfig(TrainingArguments):
         default=None, metadata={"help": "ffcv progressive resizing: 'min_res max_res start_epoch end_epoch' (ffcv's "
                                         "ResNet-18 88-epoch config: 160 192 65 76). Training images (pixel_values) "
                                         "are resized to the epoch's resolution on the fly; unset = off."})
+    teacher_dtype: str = field(
+        default="auto",
+        metadata={"help": "Precision of the frozen teacher: auto (the training dtype: bfloat16 with --bf16, float16 with "
+                          "--fp16, else float32), float32, bfloat16 or float16. A half-precision teacher is converted "
+                          "in place and run under autocast; the losses are computed in float32 either way."},
+    )
     # --- InDistill warm-up / Comparative KD ---
     indistill_layers: list[str] | None = field(
         default=None,
@@ -163,6 +170,8 @@ class DistillationConfig(TrainingArguments):
                 raise DistillationInputError(f"{name} must be a finite number >= 0, got {value!r}.")
         if not isinstance(self.dgkd_drop_num, int) or self.dgkd_drop_num < 0:
             raise DistillationInputError(f"dgkd_drop_num must be an int >= 0, got {self.dgkd_drop_num!r}.")
+        if self.teacher_dtype not in TEACHER_DTYPES:
+            raise DistillationInputError(f"teacher_dtype must be one of {TEACHER_DTYPES}, got {self.teacher_dtype!r}.")
         if not 0.0 <= self.kd_dropout < 1.0:
             raise DistillationInputError(f"kd_dropout is a probability in [0, 1), got {self.kd_dropout!r}.")
         if self.embedding_distortion not in DISTORTIONS:
@@ -275,6 +284,16 @@ class DistillationConfig(TrainingArguments):
             raise DistillationInputError(
                 "InDistill reads the teacher's intermediate features at every warm-up step, which a teacher-call budget "
                 "cannot allow: use indistill_layers or teacher_call_budget, not both.")
+
+    @property
+    def teacher_torch_dtype(self):
+        """The teacher's ``torch.dtype``: ``teacher_dtype``, or the training dtype when it is "auto"."""
+        import torch
+
+        name = self.teacher_dtype
+        if name == "auto":
+            name = "bfloat16" if self.bf16 else "float16" if self.fp16 else "float32"
+        return getattr(torch, name)
 
     @property
     def uses_teacher(self) -> bool:

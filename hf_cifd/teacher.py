@@ -3,6 +3,7 @@ frozen teacher once (no grad), counting every sample it sees."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Mapping
 
 import torch
@@ -36,6 +37,13 @@ class TeacherRunner:
         self.adapter = adapter or (adapter_for(model) if model is not None else None)
         self.calls = 0
 
+    def _precision(self):
+        """Autocast to a half-precision teacher's dtype (casts the float inputs the adapter feeds it), else nothing."""
+        param = next((p for p in self.model.parameters() if p.is_floating_point()), None)
+        if param is None or param.dtype not in (torch.bfloat16, torch.float16):
+            return contextlib.nullcontext()
+        return torch.autocast(param.device.type, dtype=param.dtype)
+
     def __call__(self, batch: Mapping[str, Any]) -> Encoded:
         cached = cached_teacher_outputs(batch)
         if cached is not None:
@@ -45,7 +53,7 @@ class TeacherRunner:
                 "the batch has no cached teacher outputs and no teacher model was given: pass the teacher, or a "
                 "teacher-output cache that covers every sample."
             )
-        with torch.no_grad():
+        with torch.no_grad(), self._precision():
             out = self.adapter.encode(self.model, batch, prefix=_PREFIX)
         self.calls += next(iter(out.embeddings.values())).shape[0]
         return out

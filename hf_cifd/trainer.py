@@ -233,6 +233,8 @@ class DistillationTrainer(StreamTrackingMixin, Trainer):
             callbacks.append(StreamResumeCallback(dataset=train_dataset))
         super().__init__(model=container, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          data_collator=data_collator, compute_metrics=compute_metrics, callbacks=callbacks, **kwargs)
+        if self.is_deepspeed_enabled:
+            _fill_deepspeed_sizes(self.accelerator.state.deepspeed_plugin.hf_ds_config, max(student_dims.values()))
 
         self.teacher = self._prepare_teacher(teacher) if teacher is not None and self.method.uses_teacher else None
         self.teacher_runner = TeacherRunner(self.teacher, self.teacher_adapter)
@@ -373,7 +375,10 @@ class DistillationTrainer(StreamTrackingMixin, Trainer):
         return CheckedCollator(data_collator, num_classes=self.student_adapter.num_classes(student), required=required)
 
     def _prepare_teacher(self, teacher: nn.Module) -> nn.Module:
+        """The frozen teacher in ``args.teacher_dtype`` (default: the training dtype), placed by accelerate or, under
+        DeepSpeed, by its own inference engine (ZeRO-3 shards it too, as TRL does for its reference model)."""
         teacher.eval().requires_grad_(False)
+        dtype = self.args.teacher_torch_dtype
         if self.is_deepspeed_enabled:
             import deepspeed
 
@@ -381,10 +386,16 @@ class DistillationTrainer(StreamTrackingMixin, Trainer):
             zero = dict(config.get("zero_optimization", {}))
             if zero.get("stage") != 3:
                 zero["stage"] = 0  # no sharding needed for a frozen model below ZeRO-3
+            # No optimizer for a frozen model: DeepSpeed refuses an optimizer offload without one (TRL drops it too).
+            zero.pop("offload_optimizer", None)
             config = {k: v for k, v in config.items() if k not in ("optimizer", "scheduler")}
             config["zero_optimization"] = zero
+            config["bf16"] = {"enabled": dtype == torch.bfloat16}
+            config["fp16"] = {"enabled": dtype == torch.float16}
             engine, *_ = deepspeed.initialize(model=teacher, config=config)
             return engine.module.eval()
+        if dtype != torch.float32:
+            teacher.to(dtype)  # TeacherRunner then runs it under autocast, which casts its inputs
         return self.accelerator.prepare_model(teacher, evaluation_mode=True)
 
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
@@ -835,6 +846,15 @@ class _NonFiniteGuard(TrainerCallback):
             optimizer.zero_grad(set_to_none=True)  # no gradient: SGD and Adam leave those parameters unchanged
             self.skipped += 1
         self.pending = False
+
+
+def _fill_deepspeed_sizes(ds_config, hidden_size: int) -> None:
+    """The DeepSpeed "auto" values that Trainer derives from ``model.config.hidden_size`` (which the container and
+    timm / open_clip students lack), from the student's embedding width instead, with Trainer's formulas."""
+    ds_config.fill_only("zero_optimization.reduce_bucket_size", hidden_size * hidden_size)
+    if ds_config.is_zero3():
+        ds_config.fill_only("zero_optimization.stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size))
+        ds_config.fill_only("zero_optimization.stage3_param_persistence_threshold", 10 * hidden_size)
 
 
 def _is_stream(dataset) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from helpers import TORCHRUN
+from hf_cifd.config import CLASSIFICATION_METHODS, CLIP_METHODS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(ROOT, "tests", "data_scripts")
@@ -63,3 +65,99 @@ def test_train_rdms_metrics_cover_every_held_out_sample_across_processes(tmp_pat
                                                       torch.nn.functional.smooth_l1_loss(o.embedding, emb).item(),
                                                       rel=1e-5)
             assert row["accuracy"] == pytest.approx(100.0 * (o.logits.argmax(-1) == labels).float().mean().item())
+
+
+@pytest.fixture(scope="module")
+def clip_models():
+    from hf_cifd.adapters.open_clip import create_openclip
+
+    from test_clip_adapter import S_PP, STUDENT, T_PP, TEACHER
+
+    torch.manual_seed(0)
+    return create_openclip(TEACHER, preprocess_cfg=T_PP), create_openclip(STUDENT, preprocess_cfg=S_PP)
+
+
+@pytest.fixture(scope="module")
+def clip_shards(tmp_path_factory):
+    from hf_cifd.data import shapes
+
+    return shapes.write_webdataset(str(tmp_path_factory.mktemp("shapes") / "train"), 48, seed=0, shard_size=48)
+
+
+# ---------------------------------------------------------------------------------------------- mixed precision
+# bf16 (teacher in bf16, student under autocast) vs fp32 from the same weights and data: every logged loss term of
+# every step agrees within BF16_RTOL relative (+ BF16_ATOL absolute, for terms near zero). bf16 keeps 8 bits of
+# mantissa (relative rounding 2^-8 = 0.4% per operation); a few layers of it stay within a few percent.
+BF16_RTOL, BF16_ATOL = 0.05, 0.02
+
+
+def _terms(trainer):
+    return [{k: v for k, v in h.items() if k.startswith("loss/")} for h in trainer.state.log_history if "loss" in h]
+
+
+def _compare_runs(fp32, bf16):
+    assert len(fp32) == len(bf16) == 3 and fp32[0], (fp32, bf16)
+    worst = 0.0
+    for a, b in zip(fp32, bf16):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert math.isfinite(b[k]), (k, b[k])
+            assert b[k] == pytest.approx(a[k], rel=BF16_RTOL, abs=BF16_ATOL), (k, a[k], b[k])
+            worst = max(worst, abs(b[k] - a[k]) / max(abs(a[k]), 1e-12))
+    return worst
+
+
+@pytest.mark.parametrize("method", CLASSIFICATION_METHODS)
+def test_bf16_classification_methods_match_fp32(tmp_path, method):
+    import copy
+
+    from helpers import TinyNet, toy_dataset
+    from hf_cifd import DistillationConfig, DistillationTrainer, RateDistortionModule
+
+    torch.manual_seed(0)
+    teacher, student, assistant = TinyNet(embed_dim=12), TinyNet(), TinyNet(embed_dim=10)
+    rdms = [RateDistortionModule(12, hidden_dims=(8, 4, 8), num_classes=4, rate_weight=r) for r in (2.0, 0.5)]
+    runs = {}
+    for bf16 in (False, True):
+        args = DistillationConfig(output_dir=str(tmp_path / str(bf16)), method=method, bf16=bf16, use_cpu=True,
+                                  report_to=[], save_strategy="no", per_device_train_batch_size=8, max_steps=3,
+                                  logging_steps=1, learning_rate=0.05, optim="sgd", disable_tqdm=True, seed=0,
+                                  num_rdms=2, rdm_rates=[2.0, 0.5])
+        kwargs = {"rdms": copy.deepcopy(rdms)} if method == "cifd" else {}
+        if method in ("takd", "dgkd"):
+            kwargs["assistants"] = [copy.deepcopy(assistant)]
+        trainer = DistillationTrainer(copy.deepcopy(student), None if method == "takd" else copy.deepcopy(teacher),
+                                      args=args, train_dataset=toy_dataset(32), **kwargs)
+        trainer.train()
+        if bf16 and trainer.teacher is not None:
+            assert next(trainer.teacher.parameters()).dtype == torch.bfloat16  # teacher_dtype "auto" = bf16
+        runs[bf16] = _terms(trainer)
+    print(f"{method}: worst relative bf16-fp32 difference {_compare_runs(runs[False], runs[True]):.4f}")
+
+
+@pytest.mark.parametrize("method", CLIP_METHODS)
+def test_bf16_clip_methods_match_fp32(tmp_path, clip_models, clip_shards, method):
+    import copy
+
+    from hf_cifd import DistillationConfig, DistillationTrainer, RateDistortionModule
+    from hf_cifd.data.collate import collate
+    from hf_cifd.data.loading import load_image_dataset
+
+    (t_model, _, t_pre, t_tok), (s_model, _, s_pre, s_tok) = clip_models
+    torch.manual_seed(0)
+    rdms = {m: [RateDistortionModule(24, hidden_dims=(16, 16, 16), rate_weight=r) for r in (10.0, 3.0)]
+            for m in ("image", "text")}
+    runs = {}
+    for bf16 in (False, True):
+        ds = load_image_dataset("webdataset", task="image-text", data_files={"train": clip_shards}, streaming=True,
+                                transform=s_pre, tokenizer=s_tok, teacher_transform=t_pre, teacher_tokenizer=t_tok)
+        args = DistillationConfig(output_dir=str(tmp_path / str(bf16)), method=method, bf16=bf16, use_cpu=True,
+                                  report_to=[], save_strategy="no", per_device_train_batch_size=8, max_steps=3,
+                                  logging_steps=1, learning_rate=1e-3, disable_tqdm=True, seed=0,
+                                  num_rdms=2 if method == "cifd" else 0, rdm_rates=[10.0, 3.0])
+        trainer = DistillationTrainer(copy.deepcopy(s_model), None if method == "clip" else copy.deepcopy(t_model),
+                                      args=args, train_dataset=ds, data_collator=collate,
+                                      rdms=copy.deepcopy(rdms) if method == "cifd" else None)
+        trainer.train()
+        runs[bf16] = _terms(trainer)
+    print(f"{method}: worst relative bf16-fp32 difference {_compare_runs(runs[False], runs[True]):.4f}")

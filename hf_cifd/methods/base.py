@@ -67,8 +67,9 @@ class Method:
 
 
 def ce_loss(config, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The label cross-entropy of every classification method (Trainer's ``label_smoothing_factor`` applies)."""
-    return F.cross_entropy(logits, labels, label_smoothing=config.label_smoothing_factor)
+    """The label cross-entropy of every classification method (Trainer's ``label_smoothing_factor`` applies), in
+    float32 whatever the logits' precision."""
+    return F.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing_factor)
 
 
 _METHODS: dict[tuple[str, str], type[Method]] = {}

@@ -105,6 +105,13 @@ class _LogitScale(nn.Module):
         return self.value.clamp(max=math.log(100.0)).exp()
 
 
+def _in_own_dtype(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` with ``x`` cast to the module's dtype: losses run outside autocast, on half-precision student
+    embeddings."""
+    param = next(module.parameters(), None)
+    return module(x if param is None else x.to(param.dtype))
+
+
 @register_method
 class CLIPKD(_CLIPMethod):
     """CLIP-KD (Yang et al., CVPR 2024): contrastive + CRD (KL on the similarity matrices) + ICL (student image vs
@@ -123,7 +130,7 @@ class CLIPKD(_CLIPMethod):
     def loss_terms(self, student, teacher, rdms, batch, extra):
         c = self.config
         emb = _student_embeddings(student)
-        projected = {m: extra[f"clipkd_proj_{m}"](emb[m]) for m in MODALITIES}
+        projected = {m: _in_own_dtype(extra[f"clipkd_proj_{m}"], emb[m]) for m in MODALITIES}
         s_img, s_txt, t_img, t_txt = _global_pairs(student, teacher, emb)
         p_img, _ = gather_with_grad(projected["image"])
         p_txt, _ = gather_with_grad(projected["text"])

@@ -43,7 +43,11 @@ class EntropyBottleneck1d(nn.Module):
             medians = eb._get_medians()[:, 0, 0]
             y_hat = y + torch.empty_like(y).uniform_(-0.5, 0.5) if self.training else torch.round(y - medians) + medians
             return y_hat, None
-        return self._forward_with_rate(y)
+        # The likelihoods in the entropy model's own dtype (float32 unless DeepSpeed cast it), never autocast's: bf16
+        # cumulative logits make the rate meaningless.
+        with torch.autocast(y.device.type, enabled=False):
+            y_hat, bits = self._forward_with_rate(y.to(self.entropy_bottleneck.quantiles.dtype))
+        return y_hat.to(y.dtype), bits
 
     def _forward_with_rate(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """compressai's ``EntropyBottleneck.forward`` + bits, with the density's cumulative logits at y^ - 1/2 and
@@ -62,7 +66,7 @@ class EntropyBottleneck1d(nn.Module):
         likelihood = torch.sigmoid(upper) - torch.sigmoid(lower)
         if eb.use_likelihood_bound:
             likelihood = eb.likelihood_lower_bound(likelihood)
-        bits = -torch.log2(likelihood).sum(dim=(0, 1))
+        bits = -torch.log2(likelihood.float()).sum(dim=(0, 1))
         return y_hat.squeeze(1).t(), bits
 
     def aux_loss(self) -> torch.Tensor:

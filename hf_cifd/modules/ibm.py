@@ -47,6 +47,7 @@ class InformationBottleneck(nn.Module):
 
     def forward(self, w: torch.Tensor) -> IBMOutput:
         check_width("IBM input (student embedding)", w, self.dim)
+        w = w.to(next(self.parameters()).dtype)  # autocast then decides the compute dtype
         if not self.training:
             return IBMOutput(noisy=w, rate=None, decoded={n: dec(w) for n, dec in self.decoders.items()})
         w_hat, rate = self.density(w)

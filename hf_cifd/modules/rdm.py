@@ -165,6 +165,7 @@ class RateDistortionModule(
             hint=f"This RDM was trained for a teacher embedding of width {self.embed_dim}; train RDMs for this teacher.",
         )
         check_finite("RDM input (teacher embedding)", x)
+        x = x.to(self.encoder[0].weight.dtype)  # e.g. a bf16 teacher's embedding into float32 RDMs
         y_hat, rate = self.bottleneck(self.encoder(x), with_rate=with_rate)
         decoded = self.decoder(y_hat)
         logits = self.head(decoded) if self.head is not None else None
