@@ -245,6 +245,8 @@ class DistillationTrainer(StreamTrackingMixin, Trainer):
         self._rdm_cache_dir = self._cache_rdm_outputs()
         self._term_sums: dict[str, torch.Tensor] = {}
         self._term_count = 0
+        self._term_names: tuple[str, ...] | None = None  # the running sum of steps with these terms, as one vector
+        self._term_vector: torch.Tensor | None = None
         if args.nonfinite_policy == "skip" and self.is_deepspeed_enabled:
             raise DistillationInputError(
                 "nonfinite_policy='skip' drops a step's gradients before the optimizer step, which DeepSpeed's engine "
@@ -564,20 +566,30 @@ class DistillationTrainer(StreamTrackingMixin, Trainer):
 
     # ------------------------------------------------------------------ logging
     def _record(self, terms: Mapping[str, torch.Tensor]) -> None:
-        names = list(terms)
+        names = tuple(terms)
         values = torch.stack([terms[n].detach().float().reshape(()) for n in names])
         finite = torch.isfinite(values)
         if not bool(finite.all()):  # the step's one host synchronisation for this check
             bad = {n: v for n, v, ok in zip(names, values.tolist(), finite.tolist()) if not ok}
             self._nonfinite.found(bad, self.state.global_step + 1)
             return  # a skipped step's terms stay out of the logged means
-        for name, value in terms.items():
-            value = value.detach().float()
-            self._term_sums[name] = self._term_sums[name] + value if name in self._term_sums else value
+        if names == self._term_names:  # the usual step: one addition for all terms
+            self._term_vector = self._term_vector + values
+        else:
+            self._fold_term_vector()
+            self._term_names, self._term_vector = names, values
         self._term_count += 1
+
+    def _fold_term_vector(self) -> None:
+        """Adds the running vector of the last term set into the per-name sums."""
+        if self._term_vector is not None:
+            for name, value in zip(self._term_names, self._term_vector.unbind()):
+                self._term_sums[name] = self._term_sums[name] + value if name in self._term_sums else value
+        self._term_names, self._term_vector = None, None
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._term_count:
+            self._fold_term_vector()
             names = sorted(self._term_sums)
             means = torch.stack([self._term_sums[n] for n in names]) / self._term_count
             means = self.accelerator.reduce(means.to(self.args.device), reduction="mean")
