@@ -60,3 +60,23 @@ def test_one_finiteness_check_still_names_the_bad_input(field, index, name):
     bad[0, 1] = float("nan")
     with pytest.raises(DistillationInputError, match=rf"{name} contains 1 non-finite"):
         cifd_loss(**x, kd_dropout=0.0)
+
+
+def test_logged_term_means_when_the_term_set_changes_between_steps(tmp_path):
+    # The trainer sums the steps' terms as one vector per term set; a change of set (e.g. InDistill's warm-up ->
+    # the method) folds it into the per-name sums: each mean = sum over the steps that had it / steps logged.
+    from hf_cifd import DistillationConfig, DistillationTrainer
+
+    from helpers import TinyNet, toy_dataset
+
+    args = DistillationConfig(output_dir=str(tmp_path), method="student", report_to=[], use_cpu=True, save_strategy="no")
+    trainer = DistillationTrainer(model=TinyNet(), args=args, train_dataset=toy_dataset(8))
+    t = torch.tensor
+    for terms in ({"a": t(1.0), "b": t(2.0)}, {"a": t(3.0), "b": t(4.0)}, {"a": t(5.0)}, {"a": t(7.0), "b": t(8.0)}):
+        trainer._record(terms)
+    trainer.log({"loss": 0.0})
+    logged = trainer.state.log_history[-1]
+    assert logged["loss/a"] == pytest.approx(16 / 4) and logged["loss/b"] == pytest.approx(14 / 4)
+    trainer._record({"c": t(1.0)})
+    trainer.log({"loss": 0.0})
+    assert trainer.state.log_history[-1]["loss/c"] == pytest.approx(1.0) and "loss/a" not in trainer.state.log_history[-1]
