@@ -635,7 +635,10 @@ class DistillationTrainer(StreamTrackingMixin, Trainer):
         settings = {k: v for k, v in settings.items() if v is not None}
         metrics = next((h for h in reversed(self.state.log_history) if any(k.startswith("eval_") for k in h)), {})
         runtime = next((h["train_runtime"] for h in reversed(self.state.log_history) if "train_runtime" in h), None)
-        cost = {"optimizer steps": self.state.global_step, "teacher calls (this process)": self.teacher_calls}
+        # The last logged count is summed over processes (log() reduces it); before any log, this process's own.
+        calls = next((h["teacher_calls"] for h in reversed(self.state.log_history) if "teacher_calls" in h),
+                     self.teacher_calls)
+        cost = {"optimizer steps": self.state.global_step, "teacher calls (samples the teacher ran on)": calls}
         if runtime is not None:
             cost["training time (s)"] = round(runtime, 1)
         datasets = [dataset] if isinstance(dataset, str) else (dataset or info.get("datasets"))
@@ -650,7 +653,7 @@ class DistillationTrainer(StreamTrackingMixin, Trainer):
             model_name=name, library=library, task=self.student_adapter.task, method=a.method,
             settings=settings, metrics=metrics, teacher=info.get("teacher"),
             teacher_hub_id=finetuned_from or info.get("base_model"), datasets=datasets,
-            eval_split=info.get("eval_split"), rdm_rows=info.get("rdm_metrics"), cost=cost,
+            eval_split=info.get("eval_split"), rdm_rows=info.get("rdm_metrics") or self._rdm_card_rows(), cost=cost,
             repo_id=a.hub_model_id, tags=[tags] if isinstance(tags, str) else list(tags or []), license=license)
         os.makedirs(output_dir, exist_ok=True)
         card.save(os.path.join(output_dir, "README.md"))
@@ -720,6 +723,11 @@ class DistillationTrainer(StreamTrackingMixin, Trainer):
             cb.resume_skip = f"stream_state_rank{rank}.json" in absent
         logger.info("resuming from %s", path)
         return checkpoints.without(path, absent)
+
+    def _rdm_card_rows(self) -> list[dict] | None:
+        """What train_rdms measured for each RDM (``card_info``: rate weight, bits, distortion, accuracy)."""
+        rows = [dict(r.card_info) for mods in self.rdms.values() for r in mods if getattr(r, "card_info", None)]
+        return rows or None
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         output_dir = output_dir or self.args.output_dir

@@ -287,3 +287,32 @@ def test_hf_cifd_push_offline_is_one_line_and_changes_nothing(tmp_path):
     assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
     assert "HF_HUB_OFFLINE=1" in lines[0] and "unset" in lines[0] and FAKE_TOKEN not in out.stdout + out.stderr
     assert _checksums(tmp_path) == before
+
+
+@pytest.mark.slow
+def test_pipeline_pushes_only_the_student_stage_and_the_rdm_repo(tmp_path, monkeypatch):
+    """`hf-cifd distill --push_to_hub --push_rdms_to_hub` on the CIFAR smoke setting: the Table 8 teacher is trained
+    first (never pushed), the RDMs go to their own repo, the student (+ card) to its repo; nothing else is sent."""
+    from huggingface_hub import ModelCard
+
+    from hf_cifd.pipeline import main
+
+    hub = HubRecorder().install(monkeypatch)
+    out = tmp_path / "run"
+    results = main(["--smoke", "--teacher", "cnn:cnn10", "--student", "cnn:cnn2", "--output_dir", str(out),
+                    "--max_steps", "2", "--teacher_max_steps", "2", "--push_to_hub", "--hub_model_id", "me/cnn2-cifd",
+                    "--push_rdms_to_hub", "me/cnn10-rdms"])
+    assert results["teacher_training_steps"] == 2 and (out / "teacher" / "model.safetensors").exists()
+    assert sorted(r["repo_id"] for r in hub.repos) == ["me/cnn10-rdms", "me/cnn2-cifd"]
+    assert [u["repo_id"] for u in hub.uploads] == ["me/cnn10-rdms", "me/cnn2-cifd"]
+    rdm_upload, student_upload = hub.uploads
+    assert rdm_upload["files"] == sorted(
+        ["README.md", "rd_curve.png", "rdm_metrics.json"]
+        + [f"rdm-image-{i}/{f}" for i in range(3) for f in ("README.md", "config.json", "model.safetensors")])
+    assert student_upload["files"] == ["README.md", "config.json", "model.safetensors"]
+    card = ModelCard.load(str(out / "student" / "README.md"))
+    assert card.data.library_name == "hf_cifd" and card.data.base_model is None  # a teacher trained here
+    assert card.data.datasets is None  # generated local shards are no Hub dataset
+    (accuracy,) = [r for r in card.data.eval_results if r.metric_type == "accuracy"]
+    assert accuracy.metric_value == pytest.approx(results["eval_accuracy"])
+    assert "| R | bits / sample | distortion | accuracy |" in card.text and "`cnn:cnn10`" in card.text
