@@ -36,7 +36,7 @@ OPTIONAL = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state*.pth", "stre
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 
 
-def _atomic_json(path: str, data: Any) -> None:
+def atomic_json(path: str, data: Any) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
         json.dump(data, f, indent=1)
@@ -58,7 +58,7 @@ def _files(directory: str) -> dict[str, int]:
 
 def write_manifest(directory: str) -> None:
     """Marks ``directory`` complete (call on the main process after every process has saved)."""
-    _atomic_json(os.path.join(directory, MANIFEST), {"complete": True, "files": _files(directory)})
+    atomic_json(os.path.join(directory, MANIFEST), {"complete": True, "files": _files(directory)})
 
 
 def is_complete(directory: str) -> bool:
@@ -144,6 +144,15 @@ def resolve(value, output_dir: str, partial: bool) -> tuple[str | None, set[str]
     return path, set(damaged)
 
 
+def restart_value(value, output_dir: str):
+    """``--resume_from_checkpoint`` of a restarted recipe: a path, or ``true`` = the newest complete checkpoint of
+    output_dir; when the run never reached a checkpoint, training starts at step 0 (finished stages are still reused)."""
+    if value is not None and str(value).lower() == "true" and not checkpoints(output_dir):
+        logger.warning("--resume_from_checkpoint true: no checkpoint in %s yet, training starts at step 0", output_dir)
+        return None
+    return value
+
+
 def without(path: str, absent: set[str]) -> tuple[str, str | None]:
     """A view of checkpoint ``path`` without the ``absent`` files (a temporary directory of symlinks), so that Trainer
     starts those states afresh; returns ``(path to load, temporary directory to remove afterwards)``."""
@@ -178,7 +187,7 @@ def rdm_fingerprint(rdms) -> list[dict[str, Any]]:
 
 
 def save_run_state(directory: str, rank: int, state: dict[str, Any]) -> None:
-    _atomic_json(os.path.join(directory, RUN_STATE.format(rank=rank)), state)
+    atomic_json(os.path.join(directory, RUN_STATE.format(rank=rank)), state)
 
 
 def load_run_state(directory: str, rank: int) -> dict[str, Any] | None:

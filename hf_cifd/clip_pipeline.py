@@ -188,7 +188,9 @@ def run_clip(args: CLIPRecipeArguments, config: DistillationConfig) -> dict[str,
     if not args.smoke:
         trainer.model_card_info.update(teacher=args.teacher, base_model=model_hub_id(None, args.teacher),
                                        datasets=[args.dataset])
-    trainer.train()
+    from .checkpoints import restart_value
+
+    trainer.train(resume_from_checkpoint=restart_value(config.resume_from_checkpoint, out))
     metrics = trainer.evaluate()
     trainer.save_model(os.path.join(out, "student"))
     if not trainer.is_world_process_zero():

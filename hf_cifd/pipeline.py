@@ -49,6 +49,7 @@ from typing import Any, Mapping
 import torch
 
 from .adapters.specs import load_model, split_spec
+from .checkpoints import atomic_json
 from .checks import DistillationInputError
 from .config import DistillationConfig
 
@@ -347,8 +348,48 @@ class _Run:
         return sorted({max(1, int(round(m * per_epoch))) for m in a.lr_milestones})
 
     # -- stages: teacher cache + RDMs ----------------------------------------------------------------------------
+    # -- stage reuse (README: Resuming and failure handling) -------------------------------------------------------
+    def _teacher_identity(self, teacher) -> dict[str, Any]:
+        """What the cached teacher outputs depend on: teacher spec and weights, data, storage dtype."""
+        from .data.cache import teacher_fingerprint
+
+        a = self.args
+        files = [[os.path.abspath(f), os.path.getsize(f)] for f in (a.data_files or []) if os.path.isfile(f)]
+        return {"teacher": a.teacher, "teacher_weights_sha256": teacher_fingerprint(teacher)["weights_sha256"],
+                "dataset": a.dataset, "split": a.train_split, "data_files": files,
+                "max_train_samples": a.max_train_samples, "image_size": a.image_size, "cache_dtype": a.cache_dtype}
+
+    def _rdm_identity(self, teacher) -> dict[str, Any]:
+        a, c = self.args, self.config
+        return {**self._teacher_identity(teacher), "rates": list(c.rdm_rates), "hidden_dims": list(c.rdm_hidden_dims),
+                "bottleneck_after": a.rdm_bottleneck_after, "activation_after": list(a.rdm_activation_after),
+                "distortion": a.rdm_distortion, "epochs": c.rdm_epochs, "max_steps": a.rdm_max_steps,
+                "learning_rate": c.rdm_learning_rate, "val_fraction": a.rdm_val_fraction, "seed": c.seed}
+
+    @staticmethod
+    def _finished(marker: str, identity: dict[str, Any], what: str) -> dict | None:
+        """The marker of a finished stage when it belongs to this run; None when absent; an error when it was made
+        by another run (another teacher, data or rates) rather than silently mixing the two."""
+        if not os.path.exists(marker):
+            return None
+        with open(marker) as f:
+            info = json.load(f)
+        saved = info.get("identity", {})
+        diffs = sorted(k for k in set(saved) | set(identity) if saved.get(k) != identity.get(k))
+        if diffs:
+            shown = {k: (saved.get(k), identity.get(k)) for k in diffs[:4]}
+            raise DistillationInputError(
+                f"the finished {what} in {os.path.dirname(marker)} belongs to another run: {diffs} differ "
+                f"(saved, now: {shown}). Use a new --output_dir, or delete {os.path.dirname(marker)} to rebuild it.")
+        return info
+
     def rdms(self, teacher):
         a, c = self.args, self.config
+        if not a.rdm_dir:
+            done = self._finished(os.path.join(self.out, "rdms", "complete.json"), self._rdm_identity(teacher), "RDMs")
+            if done is not None:
+                a.rdm_dir = os.path.join(self.out, "rdms")
+                _stage("RDMs", f"reusing the RDMs this run trained in {a.rdm_dir} (the teacher cache is not read)")
         if a.rdm_dir:
             from .hub import load_rdms, resolve_rdm_dir
 
@@ -375,9 +416,9 @@ class _Run:
         marker = os.path.join(cache_dir, "complete.json")
         self.accelerator = Accelerator(dataloader_config=DataLoaderConfiguration(dispatch_batches=False))
         t0 = _stage("teacher cache", f"one teacher pass over the training set -> {cache_dir}")
-        if os.path.exists(marker):
-            with open(marker) as f:
-                info = json.load(f)
+        identity = self._teacher_identity(teacher)
+        info = self._finished(marker, identity, "teacher cache")
+        if info is not None:
             _stage("teacher cache", f"reusing the finished cache ({info.get('num_samples')} samples)")
             self.results["teacher_calls_cache"] = 0
         else:
@@ -393,10 +434,9 @@ class _Run:
             with open(os.path.join(cache_dir, f"labels-rank{self.accelerator.process_index}.json"), "w") as f:
                 json.dump(recorder.labels, f)
             _barrier()
-            if _is_main():
-                with open(marker, "w") as f:
-                    json.dump({"num_samples": report.num_samples, "teacher_calls": report.teacher_calls,
-                               "num_processes": self.world}, f)
+            if _is_main():  # atomically: a kill never leaves half a marker
+                atomic_json(marker, {"num_samples": report.num_samples, "teacher_calls": report.teacher_calls,
+                                     "num_processes": self.world, "identity": identity})
             _barrier()
             self.results["teacher_calls_cache"] = report.teacher_calls
         self.seconds["teacher_cache"] = time.time() - t0
@@ -441,10 +481,19 @@ class _Run:
         self.results.update({"rdm_metrics": report.metrics, "rdm_steps": report.steps,
                              "rdm_teacher_accuracy": report.teacher_accuracy,
                              "rdm_teacher_calls": report.teacher_calls})
+        if _is_main():  # written last, atomically: a restarted run reuses these RDMs
+            atomic_json(os.path.join(self.out, "rdms", "complete.json"),
+                        {"identity": self._rdm_identity(teacher), "num_rdms": len(rdms)})
+        _barrier()
         self.seconds["rdm_training"] = time.time() - t0
         return [m.eval() for m in report.rdms["image"]]
 
     # -- stage: distillation -------------------------------------------------------------------------------------
+    def resume_value(self) -> str | None:
+        from .checkpoints import restart_value
+
+        return restart_value(self.config.resume_from_checkpoint, self.out)
+
     def distill(self, teacher, student, rdms):
         from .data import collate
 
@@ -468,7 +517,7 @@ class _Run:
             rdms=rdms, data_collator=collate)
         trainer.model_card_info.update(teacher=a.teacher, base_model=_teacher_hub_id(a), datasets=[a.dataset],
                                        eval_split=a.eval_split, rdm_metrics=self.results.get("rdm_metrics"))
-        trainer.train()
+        trainer.train(resume_from_checkpoint=self.resume_value())
         self.seconds["distillation"] = time.time() - t0
         t0 = _stage("evaluation", f"{a.eval_split} split")
         metrics = trainer.evaluate()

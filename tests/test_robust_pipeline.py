@@ -1,0 +1,58 @@
+"""Issue 10: a recipe killed after its RDM stage and restarted with --resume_from_checkpoint true reuses the teacher
+cache and the RDMs (their files untouched) and finishes; finished stages of another run are refused."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+RECIPE = [sys.executable, "recipes/imagenet_r34_to_r18.py", "--smoke"]
+
+
+def _snapshot(out):
+    """{path: (mtime_ns, sha256)} of every file of the teacher cache and the RDM stage."""
+    snap = {}
+    for stage in ("teacher_cache", "rdms"):
+        for root, _, names in os.walk(os.path.join(out, stage)):
+            for name in names:
+                path = os.path.join(root, name)
+                snap[path] = (os.stat(path).st_mtime_ns, hashlib.sha256(open(path, "rb").read()).hexdigest())
+    return snap
+
+
+@pytest.mark.slow
+def test_recipe_killed_after_rdm_stage_restarts_reusing_cache_and_rdms(tmp_path):
+    out = str(tmp_path / "out")
+    first = subprocess.Popen([*RECIPE, "--output_dir", out], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    marker, deadline = os.path.join(out, "rdms", "complete.json"), time.time() + 280
+    while not os.path.exists(marker):
+        assert first.poll() is None, first.stderr.read()[-4000:]
+        assert time.time() < deadline, "the RDM stage never finished"
+        time.sleep(0.05)
+    os.killpg(first.pid, signal.SIGKILL)  # right after the RDM stage, before distillation finishes
+    first.wait()
+    assert not os.path.exists(os.path.join(out, "eval_results.json"))
+    before = _snapshot(out)
+    assert any(p.endswith("model.safetensors") for p in before) and any(p.endswith(".arrow") for p in before)
+
+    second = subprocess.run([*RECIPE, "--output_dir", out, "--resume_from_checkpoint", "true"], cwd=ROOT, env=ENV,
+                            capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-5000:]
+    assert _snapshot(out) == before  # no cache or RDM file rewritten, none added
+    assert "reusing the RDMs this run trained" in second.stderr
+    assert "no checkpoint in" in second.stderr and "training starts at step 0" in second.stderr
+    results = json.loads(open(os.path.join(out, "eval_results.json")).read())
+    assert results["global_steps"] == 6 and len(results["rdm_metrics"]) == 3
+
+    other = subprocess.run([*RECIPE, "--output_dir", out, "--rdm_rates", "10", "5", "1"], cwd=ROOT, env=ENV,
+                           capture_output=True, text=True, timeout=300)
+    assert other.returncode != 0
+    assert "belongs to another run: ['rates'] differ" in other.stderr
