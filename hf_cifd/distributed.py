@@ -112,6 +112,26 @@ def clip_loss_global(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logi
     return F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)
 
 
+_EXIT_HOOK = False
+
+
+def destroy_at_exit() -> None:
+    """Registers (once per process) the destruction of the process group at interpreter exit, for scripts that end
+    without :func:`shutdown` (e.g. a user's ``trainer.train()`` under torchrun). No barrier: a rank that failed must not
+    make the others wait."""
+    global _EXIT_HOOK
+    if _EXIT_HOOK:
+        return
+    import atexit
+
+    def _destroy():
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+    atexit.register(_destroy)
+    _EXIT_HOOK = True
+
+
 def shutdown() -> None:
     """End of a multi-process run: wait for every rank, then destroy the process group. Left to interpreter exit,
     gloo's threads can be torn down while still in use and a rank aborts (SIGABRT) after the work was done."""

@@ -245,6 +245,10 @@ class DistillationTrainer(StreamTrackingMixin, Trainer):
         self._rdm_cache_dir = self._cache_rdm_outputs()
         self._term_sums: dict[str, torch.Tensor] = {}
         self._term_count = 0
+        if self.args.world_size > 1:
+            from .distributed import destroy_at_exit
+
+            destroy_at_exit()  # every rank exits 0 even when the script never tears the process group down
         self._term_names: tuple[str, ...] | None = None  # the running sum of steps with these terms, as one vector
         self._term_vector: torch.Tensor | None = None
         if args.nonfinite_policy == "skip" and self.is_deepspeed_enabled:
