@@ -188,7 +188,8 @@ def train_rdms(
                 )
 
     bank = _RDMBank(rdms)
-    optimizer = torch.optim.Adam(bank.parameters(), lr=learning_rate)
+    # fused: one pass over the parameters per step (the RDM stage from a cache is optimizer-bound)
+    optimizer = torch.optim.Adam(bank.parameters(), lr=learning_rate, fused=True)
     loader = DataLoader(train_dataset, batch_size=batch_size, shuffle=not isinstance(train_dataset, torch.utils.data.IterableDataset),
                         collate_fn=collate, num_workers=num_workers, drop_last=False)
     bank, optimizer, loader = accelerator.prepare(bank, optimizer, loader)
