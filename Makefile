@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench bench-data clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -19,6 +19,10 @@ test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests $(ARGS)
 
 bench: $(STAMP)
+	mkdir -p outputs
+	HF_HUB_OFFLINE=1 $(PY) scripts/bench.py --json outputs/bench.json $(ARGS)
+
+bench-data: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) scripts/bench_data.py
 
 clean:

@@ -1,0 +1,388 @@
+"""Speed and memory of distillation as ratios, measured side by side in one run (a benchmark, not a test).
+
+    python scripts/bench.py --json bench.json        # `make bench`; ~6 min on 2 shared CPU cores
+
+Each ratio compares two set-ups A / B of the same run, interleaved A B A B ...: every round builds a fresh
+DistillationTrainer per set-up and trains ``--steps`` optimizer steps; the per-step wall times (between consecutive
+``on_step_end`` callbacks, so data loading, the cache reads, forward, backward and the optimizer step all count; the
+first step of a round is dropped) are pooled over the rounds and the ratio is median(A) / median(B). Load from other
+processes slows A and B alike; the load average is recorded. Models have random weights (speed does not depend on
+them), data is in memory (the demo's digits, random 64 px images) or written here (the CLIP smoke recipe's shapes).
+
+Set-ups (targets from issue 13):
+
+* CIFD (3 RDMs + IBM) / KD, live teacher: timm ResNet34 -> ResNet18 (<= 1.05); the CLIP smoke recipe's tiny
+  open_clip ViT pair, against open_clip's own distillation loss, the CLIP counterpart of KD (<= 1.05); the demo's
+  tiny CNNs (<= 1.2), live and from the teacher cache (the demo's setting; RDM outputs cached as well).
+* KD from the teacher-output cache / the student alone (CE): ResNet18 and the tiny CNN (<= 1.10).
+* RDM stage (``train_rdms``, ResNet34 teacher at 112 px, the paper's 512-wide RDMs): live teacher / cache per step
+  (>= 30x) and 3 RDMs / 1 RDM in one teacher pass (<= 1.2; from the cache too, for information).
+* Peak memory CIFD / KD (ResNet34 -> ResNet18, live teacher): peak RSS above the post-import RSS of a child process
+  per set-up, children run A B A B (2 rounds), medians (<= 1.10).
+
+``--profile`` adds cProfile's top entries of one CIFD round on the tiny CNNs (cache) to the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import os
+import platform
+import pstats
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+RATES = [1e4, 5e3, 1e3]
+
+
+# ----------------------------------------------------------------------------------------------- timing machinery
+def _clock():
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        def __init__(self):
+            self.ends: list[float] = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.ends.append(time.perf_counter())
+
+    return StepClock()
+
+
+def _config(output_dir, method, steps, batch_size, **kw):
+    from hf_cifd import DistillationConfig
+
+    return DistillationConfig(output_dir=output_dir, method=method, max_steps=steps, per_device_train_batch_size=batch_size,
+                              per_device_eval_batch_size=256, learning_rate=kw.pop("learning_rate", 1e-3),
+                              report_to=[], use_cpu=True, save_strategy="no", logging_strategy="no", eval_strategy="no",
+                              disable_tqdm=True, dataloader_num_workers=0, seed=0, **kw)
+
+
+def _step_times(make, steps) -> list[float]:
+    from transformers.trainer_callback import PrinterCallback
+
+    clock = _clock()
+    trainer = make(steps, clock)
+    trainer.remove_callback(PrinterCallback)  # its end-of-training metrics line, per round
+    trainer.train()
+    ends = clock.ends
+    return [b - a for a, b in zip(ends[:-1], ends[1:])]
+
+
+def interleaved(makers: dict, steps: int, rounds: int, log) -> dict[str, list[float]]:
+    """Per-step times of each set-up, rounds run A B A B ..."""
+    times: dict[str, list[float]] = {k: [] for k in makers}
+    for r in range(rounds):
+        for name, make in makers.items():
+            times[name] += _step_times(make, steps)
+        log(f"  round {r + 1}/{rounds}: " + ", ".join(f"{k} {1e3 * statistics.median(v):.1f} ms" for k, v in times.items()))
+    return times
+
+
+def ratio_row(name, a, b, values, target, kind="<=", note="", unit="ms/step"):
+    """``values``: seconds (unit ms/step, shown x1000) or MiB per sample of A and B."""
+    ma, mb = statistics.median(values[a]), statistics.median(values[b])
+    r = ma / mb
+    met = r <= target if kind == "<=" else r >= target
+    scale = 1e3 if unit == "ms/step" else 1.0
+    return {"name": name, "a": a, "b": b, "median_a": round(scale * ma, 3), "median_b": round(scale * mb, 3),
+            "unit": unit, "samples_a": len(values[a]), "samples_b": len(values[b]), "ratio": round(r, 3),
+            "target": f"{kind} {target}", "met": met, "note": note}
+
+
+# ----------------------------------------------------------------------------------------------- set-ups
+def tiny_setup(tmp):
+    """The demo's teacher/student (hf_cifd/demo.py) on its digits split; teacher cache as the demo builds it."""
+    from hf_cifd.data import cache_teacher_outputs
+    from hf_cifd.demo import load_digits_splits, student_model, teacher_model
+    from hf_cifd.modules import RateDistortionModule
+
+    train, _ = load_digits_splits()
+    torch.manual_seed(0)
+    teacher = teacher_model().eval()
+    cache = os.path.join(tmp, "tiny_cache")
+    cache_teacher_outputs(teacher, train, cache, dtype="float32", shard_size=512, progress=False)
+    rdms = [RateDistortionModule(teacher.embed_dim, hidden_dims=(256, 256, 256), num_classes=10, rate_weight=r)
+            for r in RATES]  # the demo's RDMs (width matched to the teacher)
+
+    def make(method, live, **kw):
+        def build(steps, clock):
+            from hf_cifd import DistillationTrainer
+
+            extra = dict(num_rdms=3, rdm_rates=RATES) if method == "cifd" else {}
+            return DistillationTrainer(
+                model=student_model(), teacher=teacher if live and method != "student" else None, train_dataset=train,
+                teacher_cache=None if live or method == "student" else cache, rdms=rdms if method == "cifd" else None,
+                args=_config(os.path.join(tmp, "tiny"), method, steps, 64, learning_rate=3e-3, weight_decay=1e-4,
+                             **extra, **kw),
+                callbacks=[clock])
+        return build
+
+    return make
+
+
+def resnet_data(n=128, size=64, num_classes=10):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 3, size, size, generator=g)
+    y = torch.randint(0, num_classes, (n,), generator=g)
+    return [{"pixel_values": x[i], "labels": y[i], "sample_key": f"img-{i}"} for i in range(n)]
+
+
+def resnet_models(num_classes=10):
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model("resnet34", num_classes=num_classes).eval(), timm.create_model("resnet18", num_classes=num_classes)
+
+
+def resnet_setup(tmp, batch_size, with_cache=True):
+    from hf_cifd.data import cache_teacher_outputs
+    from hf_cifd.modules import RateDistortionModule
+
+    data = resnet_data()
+    teacher, _ = resnet_models()
+    cache = os.path.join(tmp, "resnet_cache") if with_cache else None
+    if with_cache:
+        cache_teacher_outputs(teacher, data, cache, dtype="float16", batch_size=32, progress=False)
+    # The paper's ImageNet RDM (Appendix A.2): 3 hidden layers of 512, bottleneck after the 2nd.
+    rdms = [RateDistortionModule(512, num_classes=10, rate_weight=r) for r in RATES]
+
+    def make(method, live):
+        def build(steps, clock):
+            from hf_cifd import DistillationTrainer
+
+            _, student = resnet_models()
+            extra = dict(num_rdms=3, rdm_rates=RATES) if method == "cifd" else {}
+            return DistillationTrainer(
+                model=student, teacher=teacher if live and method != "student" else None, train_dataset=data,
+                teacher_cache=None if live or method == "student" else cache, rdms=rdms if method == "cifd" else None,
+                args=_config(os.path.join(tmp, "resnet"), method, steps, batch_size, **extra), callbacks=[clock])
+        return build
+
+    return make, data, teacher, cache
+
+
+def clip_setup(tmp):
+    """The tiny open_clip teacher/student configs of the CLIP smoke recipe, on its generated shapes data."""
+    import glob
+
+    from hf_cifd import clip_pipeline as recipe
+    from hf_cifd.adapters.open_clip import create_openclip
+    from hf_cifd.data import collate, load_image_dataset, shapes
+    from hf_cifd.modules import RateDistortionModule
+
+    torch.manual_seed(0)
+    teacher, _, t_pre, t_tok = create_openclip(recipe.SMOKE_TEACHER, preprocess_cfg=recipe.SMOKE_TEACHER_PP)
+    teacher.eval()
+    shapes.write_webdataset(os.path.join(tmp, "shapes"), 1024, seed=1, shard_size=256)
+    files = {"train": sorted(glob.glob(os.path.join(tmp, "shapes", "*.tar")))}
+    smoke = recipe.SMOKE_DEFAULTS
+    dim = recipe.SMOKE_TEACHER["embed_dim"]
+    rdms = {m: [RateDistortionModule(dim, hidden_dims=smoke["rdm_hidden_dims"], rate_weight=r) for r in smoke["rdm_rates"]]
+            for m in ("image", "text")}  # the recipe's --smoke RDMs
+
+    def make(method):
+        def build(steps, clock):
+            from hf_cifd import DistillationTrainer
+
+            torch.manual_seed(0)
+            student, _, s_pre, s_tok = create_openclip(recipe.SMOKE_STUDENT, preprocess_cfg=recipe.SMOKE_STUDENT_PP)
+            ds = load_image_dataset("webdataset", task="image-text", data_files=files, streaming=True, transform=s_pre,
+                                    tokenizer=s_tok, teacher_transform=t_pre, teacher_tokenizer=t_tok, shuffle_buffer=256)
+            extra = dict(num_rdms=3, rdm_rates=smoke["rdm_rates"]) if method == "cifd" else {}
+            return DistillationTrainer(
+                student, teacher, train_dataset=ds, rdms=rdms if method == "cifd" else None, data_collator=collate,
+                args=_config(os.path.join(tmp, "clip"), method, steps, smoke["per_device_train_batch_size"],
+                             learning_rate=smoke["learning_rate"], lambda_ibm=smoke["lambda_ibm"], **extra),
+                callbacks=[clock])
+        return build
+
+    return make
+
+
+# ----------------------------------------------------------------------------------------------- RDM stage
+def rdm_step_times(data, teacher, cache, n_rdms, live, steps, batch_size) -> list[float]:
+    """Per-step wall times of ``train_rdms``: its collate function runs once per step (no DataLoader workers), so
+    consecutive calls are one step apart; the first step and the one before the final evaluation are dropped."""
+    from hf_cifd import train_rdms
+    from hf_cifd.data import collate
+
+    stamps: list[float] = []
+
+    def clocked(samples):
+        stamps.append(time.perf_counter())
+        return collate(samples)
+
+    report = train_rdms(data, teacher=teacher if live else None, teacher_cache=None if live else cache,
+                        rates=RATES[:n_rdms], max_steps=steps, batch_size=batch_size, eval_dataset=data[:batch_size],
+                        collate_fn=clocked, progress=False)
+    assert report.steps == steps
+    return [b - a for a, b in zip(stamps[1:steps], stamps[2:steps + 1])]
+
+
+# ----------------------------------------------------------------------------------------------- memory (child)
+def _rss_kb() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+def memory_child(method: str, steps: int, batch_size: int) -> None:
+    import transformers  # noqa: F401  (imports are not the run's memory)
+    from hf_cifd import DistillationTrainer  # noqa: F401
+    import timm  # noqa: F401
+
+    base = _rss_kb()
+    with tempfile.TemporaryDirectory() as tmp:
+        make, *_ = resnet_setup(tmp, batch_size, with_cache=False)
+        make(method, True)(steps, _clock()).train()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"base_kb": base, "peak_kb": peak}))
+
+
+def peak_memory(methods, rounds, steps, batch_size, threads, log) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {m: [] for m in methods}
+    for r in range(rounds):
+        for m in methods:
+            res = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-child", m, "--steps", str(steps),
+                                  "--batch-size", str(batch_size), "--threads", str(threads)],
+                                 capture_output=True, text=True, timeout=600)
+            if res.returncode != 0:
+                raise RuntimeError(res.stderr[-3000:])
+            row = json.loads(res.stdout.strip().splitlines()[-1])
+            out[m].append((row["peak_kb"] - row["base_kb"]) / 1024)
+        log(f"  round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.0f} MiB" for k, v in out.items()))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- profile
+def profile_tiny_cifd(make_tiny, steps, top=15) -> list[str]:
+    trainer = make_tiny("cifd", live=False)(steps, _clock())
+    prof = cProfile.Profile()
+    prof.enable()
+    trainer.train()
+    prof.disable()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(top)
+    return [line.rstrip() for line in buf.getvalue().splitlines() if line.strip()][-top - 1:]
+
+
+# ----------------------------------------------------------------------------------------------- main
+def format_table(rows) -> str:
+    lines = ["| measurement | A / B | median A | median B | ratio | target | met |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['a']} / {r['b']} | {r['median_a']:.1f} {r['unit']} | {r['median_b']:.1f} "
+                     f"{r['unit']} | {r['ratio']:.2f} | {r['target']} | {'yes' if r['met'] else 'NO'} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--json", default="bench.json", help="where the results go")
+    p.add_argument("--rounds", type=int, default=3, help="A B rounds per ratio (the tiny CNNs run 2x as many)")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: least sensitive to other load)")
+    p.add_argument("--profile", action="store_true", help="add a cProfile of CIFD on the tiny CNNs to the JSON")
+    p.add_argument("--only", default="tiny,resnet,clip,rdm,memory", help="comma-separated sections")
+    p.add_argument("--memory-child", help=argparse.SUPPRESS)
+    p.add_argument("--steps", type=int, default=6, help=argparse.SUPPRESS)
+    p.add_argument("--batch-size", type=int, default=16, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    if a.memory_child:
+        return memory_child(a.memory_child, a.steps, a.batch_size)
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    sections = set(a.only.split(","))
+    t_start = time.perf_counter()
+
+    def log(msg):
+        print(f"[{time.perf_counter() - t_start:6.0f}s] {msg}", flush=True)
+
+    rows, raw, extra = [], {}, {}
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        if "tiny" in sections:
+            log("tiny CNNs (demo teacher/student, digits, batch 64)")
+            make = tiny_setup(tmp)
+            t = interleaved({"cifd_cache": make("cifd", live=False), "kd_cache": make("kd", live=False),
+                             "cifd_live": make("cifd", live=True), "kd_live": make("kd", live=True),
+                             "student": make("student", live=True)}, steps=60, rounds=a.rounds, log=log)
+            raw["tiny"] = t
+            rows += [ratio_row("tiny CNNs, CIFD / KD, teacher cache (the demo)", "cifd_cache", "kd_cache", t, 1.2,
+                               note="RDM outputs cached with the teacher outputs"),
+                     ratio_row("tiny CNNs, CIFD / KD, live teacher", "cifd_live", "kd_live", t, 1.2),
+                     ratio_row("tiny CNNs, KD from cache / student alone", "kd_cache", "student", t, 1.10)]
+            if a.profile:
+                extra["profile_tiny_cifd_cache"] = profile_tiny_cifd(make, 60)
+        if "resnet" in sections:
+            make, *_ = resnet_setup(tmp, batch_size=16)
+            log("timm ResNet34 -> ResNet18 (random weights, 64 px, batch 16)")
+            t = interleaved({"cifd_live": make("cifd", True), "kd_live": make("kd", True),
+                             "kd_cache": make("kd", False), "student": make("student", True)},
+                            steps=6, rounds=a.rounds, log=log)
+            raw["resnet"] = t
+            rows += [ratio_row("ResNet34 -> ResNet18, CIFD / KD, live teacher", "cifd_live", "kd_live", t, 1.05),
+                     ratio_row("ResNet18, KD from cache / student alone", "kd_cache", "student", t, 1.10)]
+        if "clip" in sections:
+            log("CLIP smoke recipe's tiny open_clip ViT pair (batch 64, streamed shapes data)")
+            mk = clip_setup(tmp)
+            t = interleaved({"cifd": mk("cifd"), "openclip": mk("openclip")}, steps=12, rounds=a.rounds, log=log)
+            raw["clip"] = t
+            rows.append(ratio_row("CLIP ViT pair, CIFD / open_clip distillation, live teacher", "cifd", "openclip", t,
+                                  1.05, note="3 RDMs + IBM per modality"))
+        if "rdm" in sections:
+            log("RDM stage (train_rdms, ResNet34 teacher, 112 px, batch 32, RDMs of the paper's ImageNet size)")
+            from hf_cifd.data import cache_teacher_outputs
+
+            data = resnet_data(n=96, size=112)
+            teacher, _ = resnet_models()
+            cache = os.path.join(tmp, "rdm_cache")
+            cache_teacher_outputs(teacher, data, cache, dtype="float16", batch_size=32, progress=False)
+            t = {"live_3": [], "cache_3": [], "live_1": [], "cache_1": []}
+            for r in range(a.rounds):
+                for name in t:
+                    live, n = name.startswith("live"), int(name[-1])
+                    t[name] += rdm_step_times(data, teacher, cache, n, live, steps=5 if live else 20, batch_size=32)
+                log(f"  round {r + 1}/{a.rounds}: " + ", ".join(f"{k} {1e3 * statistics.median(v):.1f} ms/step"
+                                                              for k, v in t.items()))
+            raw["rdm"] = t
+            note = "per optimizer step, set-up and the final evaluation excluded"
+            rows += [ratio_row("RDM stage, live teacher / teacher cache (speed-up)", "live_3", "cache_3", t, 30, ">=", note),
+                     ratio_row("RDM stage, 3 RDMs / 1 RDM in one pass, live teacher", "live_3", "live_1", t, 1.2),
+                     ratio_row("RDM stage, 3 RDMs / 1 RDM, teacher cache (info)", "cache_3", "cache_1", t, 1.2,
+                               note="no teacher cost left to share")]
+        if "memory" in sections:
+            log("peak memory, ResNet34 -> ResNet18, live teacher (child processes)")
+            t = peak_memory(["cifd", "kd"], 2, steps=3, batch_size=16, threads=a.threads, log=log)
+            raw["memory_mib"] = t
+            rows.append(ratio_row("ResNet34 -> ResNet18, peak memory CIFD / KD, live teacher", "cifd", "kd", t, 1.10,
+                                  note="peak RSS above the post-import RSS of a child process", unit="MiB"))
+    result = {"rows": rows, "raw_seconds": raw, **extra,
+              "machine": {"cpus": os.cpu_count(), "torch_threads": a.threads, "torch": torch.__version__,
+                          "python": platform.python_version(), "loadavg_start": load_before,
+                          "loadavg_end": os.getloadavg()},
+              "command": "python scripts/bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "wall_seconds": round(time.perf_counter() - t_start, 1)}
+    with open(a.json, "w") as f:
+        json.dump(result, f, indent=2)
+    print(format_table(rows))
+    print(f"load average {load_before[0]:.1f} -> {os.getloadavg()[0]:.1f}; {result['wall_seconds']} s; results: {a.json}")
+
+
+if __name__ == "__main__":
+    main()
