@@ -324,12 +324,23 @@ class _Run:
         cfg = dataclasses.replace(c, method="student", output_dir=os.path.join(self.out, "teacher"), max_steps=steps,
                                   num_train_epochs=epochs, num_rdms=0, save_strategy="no", eval_strategy="no",
                                   push_to_hub=False)  # only the student stage pushes
+        marker = os.path.join(cfg.output_dir, "complete.json")
+        identity = {"teacher": a.teacher, **self._data_identity(), "steps": steps, "epochs": epochs, "seed": c.seed,
+                    "learning_rate": c.learning_rate, "batch": self.global_batch(), "milestones": a.lr_milestones}
+        if self._finished(marker, identity, "teacher training") is not None:
+            prefix, _ = split_spec(a.teacher)
+            spec = f"timm:local-dir:{cfg.output_dir}" if prefix == "timm" else f"{prefix}:{cfg.output_dir}"
+            _stage("teacher training", f"reusing the teacher this run trained ({spec})")
+            return load_model(spec, a.num_classes, True, a.image_size).eval().requires_grad_(False)
         ds = self.dataset(a.train_split, a.data_files, self.t_train, shuffle=True, max_samples=a.max_train_samples)
         milestones = self.milestone_steps(cfg, ds)
         trainer = _multistep_trainer_cls(milestones, a.lr_gamma)(teacher, args=cfg, train_dataset=ds,
                                                                  data_collator=collate)
         trainer.train()
         trainer.save_model(cfg.output_dir)
+        if _is_main():  # written last, atomically: a restarted run reuses this teacher
+            atomic_json(marker, {"identity": identity, "steps": trainer.state.global_step})
+        _barrier()
         teacher = trainer.accelerator.unwrap_model(trainer.model).student
         self.seconds["teacher_training"] = time.time() - t0
         self.results["teacher_training_steps"] = trainer.state.global_step
@@ -353,11 +364,14 @@ class _Run:
         """What the cached teacher outputs depend on: teacher spec and weights, data, storage dtype."""
         from .data.cache import teacher_fingerprint
 
+        return {"teacher": self.args.teacher, "teacher_weights_sha256": teacher_fingerprint(teacher)["weights_sha256"],
+                **self._data_identity(), "cache_dtype": self.args.cache_dtype}
+
+    def _data_identity(self) -> dict[str, Any]:
         a = self.args
         files = [[os.path.abspath(f), os.path.getsize(f)] for f in (a.data_files or []) if os.path.isfile(f)]
-        return {"teacher": a.teacher, "teacher_weights_sha256": teacher_fingerprint(teacher)["weights_sha256"],
-                "dataset": a.dataset, "split": a.train_split, "data_files": files,
-                "max_train_samples": a.max_train_samples, "image_size": a.image_size, "cache_dtype": a.cache_dtype}
+        return {"dataset": a.dataset, "split": a.train_split, "data_files": files,
+                "max_train_samples": a.max_train_samples, "image_size": a.image_size}
 
     def _rdm_identity(self, teacher) -> dict[str, Any]:
         a, c = self.args, self.config

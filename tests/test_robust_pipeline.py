@@ -16,10 +16,10 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 RECIPE = [sys.executable, "recipes/imagenet_r34_to_r18.py", "--smoke"]
 
 
-def _snapshot(out):
-    """{path: (mtime_ns, sha256)} of every file of the teacher cache and the RDM stage."""
+def _snapshot(out, stages=("teacher_cache", "rdms")):
+    """{path: (mtime_ns, sha256)} of every file of the given stages' directories."""
     snap = {}
-    for stage in ("teacher_cache", "rdms"):
+    for stage in stages:
         for root, _, names in os.walk(os.path.join(out, stage)):
             for name in names:
                 path = os.path.join(root, name)
@@ -56,3 +56,19 @@ def test_recipe_killed_after_rdm_stage_restarts_reusing_cache_and_rdms(tmp_path)
                            capture_output=True, text=True, timeout=300)
     assert other.returncode != 0
     assert "belongs to another run: ['rates'] differ" in other.stderr
+
+
+@pytest.mark.slow
+def test_restarted_cifar_recipe_reuses_its_trained_teacher(tmp_path):
+    out = str(tmp_path / "out")
+    cmd = [sys.executable, "recipes/cifar100_cnn10_to_cnn2.py", "--smoke", "--output_dir", out]
+    first = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-5000:]
+    stages = ("teacher", "teacher_cache", "rdms")
+    before = _snapshot(out, stages)
+    assert os.path.join(out, "teacher", "complete.json") in before
+    second = subprocess.run([*cmd, "--resume_from_checkpoint", "true"], cwd=ROOT, env=ENV, capture_output=True,
+                            text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-5000:]
+    assert "reusing the teacher this run trained (cnn:" in second.stderr
+    assert _snapshot(out, stages) == before  # the reloaded teacher has the cached teacher's weights: all reused
