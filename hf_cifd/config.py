@@ -227,7 +227,7 @@ class DistillationConfig(TrainingArguments):
                 "exported student at each save) or end, and resume from the local checkpoints.")
         from .hub import check_hub_reachable
 
-        check_hub_reachable()
+        check_hub_reachable("or train without push_to_hub and upload the exported student later with hf-cifd push")
 
     # Tokens are never pickled (training_args.bin in every checkpoint): use HF_TOKEN / `hf auth login` to resume.
     def __getstate__(self):

@@ -309,17 +309,17 @@ def stage_export(folder: str, staging: str) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------ uploads
-def check_hub_reachable() -> None:
+def check_hub_reachable(fix: str = "then push again (hf-cifd push <folder> --repo_id ORG/NAME)") -> None:
     """Fails fast (before any work) when huggingface_hub is in offline mode."""
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
         raise HubUnavailableError(
-            "cannot push: HF_HUB_OFFLINE=1 is set (offline mode); unset HF_HUB_OFFLINE on a machine with network "
-            "access, then push again (hf-cifd push <folder> --repo_id ORG/NAME).")
+            f"cannot push: HF_HUB_OFFLINE=1 is set (offline mode); unset HF_HUB_OFFLINE on a machine with network "
+            f"access, {fix}.")
 
 
-def _hub_error(exc: Exception) -> HubUnavailableError | None:
+def as_hub_error(exc: Exception) -> HubUnavailableError | None:
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
     if isinstance(exc, OfflineModeIsEnabled):
@@ -351,7 +351,7 @@ def upload_folder(folder: str, repo_id: str, *, token: str | None = None, privat
         return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message,
                                  revision=revision, run_as_future=run_as_future)
     except Exception as e:  # noqa: BLE001 - turned into one clear line when it is a connection / login problem
-        err = _hub_error(e)
+        err = as_hub_error(e)
         if err is None:
             raise
         raise err from None
@@ -390,7 +390,7 @@ def resolve_rdm_dir(rdm_dir: str, token: str | None = None) -> str:
     try:
         return snapshot_download(rdm_dir, allow_patterns=list(RDM_COLLECTION_PATTERNS), token=token)
     except Exception as e:  # noqa: BLE001
-        err = _hub_error(e)
+        err = as_hub_error(e)
         if err is None:
             raise DistillationInputError(f"--rdm_dir {rdm_dir}: not a local folder, and the Hub download failed "
                                          f"({type(e).__name__}: {e}).") from None

@@ -760,13 +760,13 @@ class DistillationTrainer(StreamTrackingMixin, Trainer):
 
     def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
         """Trainer's repo creation, with offline mode / no network / no login as one clear error."""
-        from .hub import _hub_error, check_hub_reachable
+        from .hub import as_hub_error, check_hub_reachable
 
         check_hub_reachable()
         try:
             super().init_hf_repo(token=token, private=private)
         except Exception as e:  # noqa: BLE001
-            err = _hub_error(e)
+            err = as_hub_error(e)
             if err is None:
                 raise
             raise err from None
