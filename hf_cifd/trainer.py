@@ -477,7 +477,13 @@ class DistillationTrainer(StreamTrackingMixin, Trainer):
         only, or says why not (hf_cifd/checkpoints.py)."""
         view, tmp = self._prepare_resume(resume_from_checkpoint)
         try:
-            return super().train(view, *args, **kwargs)
+            output = super().train(view, *args, **kwargs)
+            if self.state.global_step == 0 and self.state.max_steps > 0 and _is_stream(self.train_dataset):
+                # Trainer only warns: a run that "finished" without one sample is a broken data pipeline.
+                raise DistillationInputError(
+                    "the training stream yielded no sample: check the dataset id / data_files / split, the filters and "
+                    "the bad-record log (every record may have been rejected).")
+            return output
         finally:
             from .checkpoints import remove_view
 

@@ -73,6 +73,14 @@ def test_bad_stream_sample_fails_at_its_batch_naming_the_key(tmp_path, method):
     assert steps == [1, 2]
 
 
+def test_empty_stream_is_an_error(tmp_path):
+    features = datasets.Features({"pixel_values": datasets.Array3D((1, 4, 4), "float32"),
+                                  "labels": datasets.Value("int64"), "sample_key": datasets.Value("string")})
+    empty = datasets.IterableDataset.from_generator(lambda: iter(()), features=features).with_format("torch")
+    with pytest.raises(DistillationInputError, match="the training stream yielded no sample"):
+        _trainer(tmp_path, "student", empty).train()
+
+
 def test_missing_pixel_values_in_a_stream_is_named(tmp_path):
     rows = [{"image": np.zeros((1, 4, 4), np.float32), "labels": 0, "sample_key": f"k{i}"} for i in range(8)]
     trainer = _trainer(tmp_path, "student", _stream(rows))
