@@ -39,7 +39,7 @@ SMOKE_STUDENT_PP = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
 
 SMOKE_DEFAULTS = {
     "per_device_train_batch_size": 64, "max_steps": 150, "learning_rate": 2e-3, "logging_steps": 50,
-    "rdm_rates": [30, 10, 3], "rdm_hidden_dims": [64, 64, 64], "lambda_ibm": 0.001, "per_device_eval_batch_size": 128,
+    "num_rdms": 3, "rdm_rates": [30, 10, 3], "rdm_hidden_dims": [64, 64, 64], "lambda_ibm": 0.001, "per_device_eval_batch_size": 128,
     "use_cpu": True, "eval_strategy": "no", "disable_tqdm": True, "dataloader_num_workers": 0,
 }
 

@@ -63,6 +63,7 @@ SMOKE_DEFAULTS = {
     "save_strategy": "no", "eval_strategy": "no", "logging_steps": 2, "dataloader_num_workers": 0,
     "rdm_max_steps": 3, "image_size": 32, "num_classes": SMOKE_NUM_CLASSES, "teacher_pretrained": False,
     "shuffle_buffer": 64, "warmup_steps": 0, "learning_rate": 0.05, "teacher_max_steps": 10,
+    "progressive_resolution": None,  # the smoke images stay at image_size
 }
 
 
@@ -104,6 +105,11 @@ class RecipeArguments:
                 "caching the teacher and training them."})
     push_rdms_to_hub: str | None = field(default=None, metadata={
         "help": "Upload the trained RDMs (weights, cards, rdm_metrics.json, RD curve) as their own Hub repo ORG/NAME."})
+    rdm_architecture: str = field(default="paper_imagenet", metadata={
+        "help": "RDM architecture (hf_cifd.rdm_training.build_rdm): paper_imagenet (A.2: 3 hidden layers, the 3rd = X^, "
+                "512 / 1024 wide), paper_cifar_cnn (A.1.1 / Table 1: FC512, FC306, FC100 + head, no reconstruction, "
+                "R = 0), custom (--rdm_hidden_dims / --rdm_bottleneck_after / --rdm_activation_after + a linear layer "
+                "back to the embedding)."})
     rdm_bottleneck_after: int = field(default=2, metadata={"help": "RDM hidden layers before the bottleneck (paper: 2)."})
     rdm_activation_after: list[int] = field(default_factory=lambda: [1, 3], metadata={
         "help": "1-based RDM hidden layers followed by an activation (paper ImageNet: 1 3)."})
@@ -125,6 +131,10 @@ class RecipeArguments:
     smoke_eval_samples: int = field(default=48, metadata={"help": "Smoke: generated evaluation images."})
 
     def __post_init__(self):
+        from .rdm_training import RDM_ARCHITECTURES
+
+        if self.rdm_architecture not in RDM_ARCHITECTURES:
+            raise DistillationInputError(f"rdm_architecture must be one of {RDM_ARCHITECTURES}, got {self.rdm_architecture!r}.")
         if self.rdm_distortion not in ("mse", "smooth_l1"):
             raise DistillationInputError(f"rdm_distortion must be mse or smooth_l1, got {self.rdm_distortion!r}.")
         if not 0.0 <= self.rdm_val_fraction < 1.0:
@@ -458,8 +468,7 @@ class _Run:
 
     def train_rdms(self, teacher, cache_dir: str):
         from .data import TeacherCache, collate
-        from .modules import RateDistortionModule
-        from .rdm_training import CacheKeysDataset, train_rdms
+        from .rdm_training import CacheKeysDataset, build_rdm, train_rdms
 
         a, c = self.args, self.config
         labels: dict[str, int] = {}
@@ -472,10 +481,10 @@ class _Run:
         train, val = keys.split(a.rdm_val_fraction, seed=c.seed) if held_out else (keys, None)
         width = cache.fields["teacher_image_embedding"]
         num_classes = cache.fields.get("teacher_logits")
-        k, act = a.rdm_bottleneck_after, set(a.rdm_activation_after)
-        rdms = [RateDistortionModule(width, hidden_dims=c.rdm_hidden_dims, bottleneck_after=k,
-                                     activate=[i + 1 in act for i in range(len(c.rdm_hidden_dims))],
-                                     num_classes=num_classes, rate_weight=r, distortion=a.rdm_distortion)
+        act = set(a.rdm_activation_after)
+        rdms = [build_rdm(a.rdm_architecture, width, num_classes, r, hidden_dims=c.rdm_hidden_dims,
+                          bottleneck_after=a.rdm_bottleneck_after,
+                          activate=[i + 1 in act for i in range(len(c.rdm_hidden_dims))], distortion=a.rdm_distortion)
                 for r in c.rdm_rates]
         batch = a.rdm_batch_size or c.per_device_train_batch_size
         how = f"{a.rdm_max_steps} steps" if a.rdm_max_steps else f"{c.rdm_epochs} epochs"

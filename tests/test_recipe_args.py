@@ -49,11 +49,11 @@ def test_every_flag_form_wins_over_the_recipe_defaults(recipe, tmp_path):
     assert _parse(recipe, ["--output_dir=/x"])[1].output_dir == "/x"
     assert _parse(recipe, ["--learning_r", "0.123"])[1].learning_rate == 0.123  # unique abbreviation
     assert _parse(recipe, ["--learning_r=0.125"])[1].learning_rate == 0.125
-    assert _parse(recipe, ["--rdm_rates", "7", "5", "3"])[1].rdm_rates == [7.0, 5.0, 3.0]
+    assert _parse(recipe, ["--num_rdms", "3", "--rdm_rates", "7", "5", "3"])[1].rdm_rates == [7.0, 5.0, 3.0]
 
     # --config: a YAML of any flags overrides the recipe; a flag on the command line overrides the YAML.
     cfg = tmp_path / "my.yaml"
-    cfg.write_text("learning_rate: 0.5\nuse_ibm: false\nrdm_rates: [1e3, 1e2, 1e1]\nseed: 7\n")
+    cfg.write_text("learning_rate: 0.5\nuse_ibm: false\nnum_rdms: 3\nrdm_rates: [1e3, 1e2, 1e1]\nseed: 7\n")
     args, config = _parse(recipe, ["--config", str(cfg)])
     assert (config.learning_rate, config.use_ibm, config.rdm_rates, config.seed) == (0.5, False, [1e3, 1e2, 1e1], 7)
     args, config = _parse(recipe, [f"--config={cfg}", "--learning_rate", "0.25", "--use_ibm", "true"])
@@ -75,9 +75,9 @@ def test_smoke_and_yaml_layers_of_a_classification_recipe(tmp_path):
     assert not args.teacher_pretrained and config.per_device_train_batch_size == 8
     args, config = _parse("imagenet_r34_to_r18", [])
     assert (args.teacher, config.optim, config.optim_args, config.warmup_steps) == (
-        "timm:resnet34.a1_in1k", "sgd", "momentum=0.9", pytest.approx(2 / 88))
+        "timm:resnet34.tv_in1k", "sgd", "momentum=0.9", pytest.approx(2 / 88))
     assert config.rdm_rates == [1e4, 5e3, 1e3] and args.rdm_activation_after == [1, 3]
-    assert _parse("imagenet_r50_to_mbv1", [])[1].rdm_hidden_dims == [1024, 1024, 1024]
+    assert _parse("imagenet_r50_to_mbv1", [])[0].rdm_architecture == "paper_imagenet"  # 1024 wide for a 2048 embedding
     args, config = _parse("cifar100_cnn10_to_cnn2", [])
     assert args.lr_milestones == [150.0, 160.0, 180.0] and args.train_teacher is None and not args.streaming
 
@@ -98,6 +98,6 @@ def test_recipe_help_lists_each_knob_with_its_recipe_default():
                          text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
     text = " ".join(out.stdout.split())
-    for flag, default in (("--learning_rate", "2.0"), ("--teacher", "timm:resnet34.a1_in1k"), ("--lambda_ibm", "0.001"),
+    for flag, default in (("--learning_rate", "2.0"), ("--teacher", "timm:resnet34.tv_in1k"), ("--lambda_ibm", "0.001"),
                           ("--rdm_rates", "[10000.0, 5000.0, 1000.0]"), ("--config", "None")):
         assert flag in text and f"(default: {default})" in text, flag
