@@ -18,7 +18,7 @@ import dataclasses
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from torch import nn
 
@@ -57,6 +57,17 @@ class AssistantReport:
     def guide_calls(self) -> int:
         """Samples any guiding model (teacher or assistant) was run on while the assistants trained."""
         return sum(sum(s.guide_calls.values()) for s in self.stages)
+
+    def training_macs(self, forward_macs: Mapping[str, int]) -> int:
+        """Forward MACs of the assistants' training (``hf_cifd.cost`` conventions: every guide's forward on each sample
+        it was run on + each assistant's own forward per training sample). ``forward_macs``: per-sample forward MACs
+        of "teacher" and "assistant_<k>" (e.g. ``hf_cifd.cost.forward_macs(model, one_input)``)."""
+        missing = {g for s in self.stages for g in s.guide_calls} | {f"assistant_{s.index}" for s in self.stages}
+        missing -= set(forward_macs)
+        if missing:
+            raise DistillationInputError(f"forward_macs lacks {sorted(missing)}.")
+        return sum(sum(n * forward_macs[g] for g, n in s.guide_calls.items())
+                   + s.train_samples * forward_macs[f"assistant_{s.index}"] for s in self.stages)
 
     def to_dict(self) -> dict[str, Any]:
         return {"teacher_calls": self.teacher_calls, "guide_calls": self.guide_calls,

@@ -120,6 +120,10 @@ def test_dgkd_assistants_and_student_use_all_guides_with_kd_dropout(tmp_path):
     assert [s.method for s in report.stages] == ["kd", "dgkd"]
     assert report.stages[1].guide_calls == {"teacher": 16, "assistant_0": 16}
     assert report.teacher_calls == 32 and report.guide_calls == 48
+    # cost: stage 0 = 16 x (T + A0), stage 1 = 16 x (T + A0) + 16 x A1, with T=100, A0=10, A1=1 MACs per sample
+    assert report.training_macs({"teacher": 100, "assistant_0": 10, "assistant_1": 1}) == 16 * 110 + 16 * 111
+    with pytest.raises(DistillationInputError, match="lacks"):
+        report.training_macs({"teacher": 100})
 
     args = _args(tmp_path, method="dgkd", dgkd_drop_num=1, max_steps=3)
     trainer = DistillationTrainer(model=TinyNet(), teacher=teacher, assistants=tas, args=args, train_dataset=ds)

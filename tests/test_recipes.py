@@ -74,7 +74,9 @@ def test_recipe_smoke_two_processes(recipe, tmp_path):
     assert results["rdm_teacher_calls"] == 0  # RDMs trained from the cache alone
     assert len(results["rdm_metrics"]) == 3
     for row in results["rdm_metrics"]:
-        assert row["rate_bits"] >= 0 and row["distortion"] >= 0 and row["accuracy"] is not None
+        assert row["rate_bits"] >= 0 and row["accuracy"] is not None
+        # Table 1's RDMs (CIFAR recipe) have no reconstruction, hence no distortion
+        assert row["distortion"] is None if recipe.startswith("cifar") else row["distortion"] >= 0
     for i in range(3):
         assert (out / "rdms" / f"rdm-image-{i}" / "model.safetensors").exists()
     assert results["global_steps"] == 6
