@@ -34,7 +34,7 @@ from .data import collate
 from .data.stats import StreamResumeCallback, StreamTrackingMixin
 from .config import DistillationConfig
 from .methods import StudentOutput, build_method
-from .modules import InformationBottleneck, Projector, RateDistortionModule
+from .modules import EntropyBottleneck1d, InformationBottleneck, Projector, RateDistortionModule
 from .losses import total_loss
 from .teacher import TeacherRunner, embedding_fields
 
@@ -235,6 +235,12 @@ class DistillationTrainer(StreamTrackingMixin, Trainer):
                          data_collator=data_collator, compute_metrics=compute_metrics, callbacks=callbacks, **kwargs)
         if self.is_deepspeed_enabled:
             _fill_deepspeed_sizes(self.accelerator.state.deepspeed_plugin.hf_ds_config, max(student_dims.values()))
+            if self.accelerator.state.deepspeed_plugin.zero_stage == 3:
+                from deepspeed.utils import set_z3_leaf_modules
+
+                # The entropy model reads compressai's ParameterLists without calling them: ZeRO-3 gathers the
+                # whole bottleneck when it runs.
+                set_z3_leaf_modules(container, [EntropyBottleneck1d])
 
         self.teacher = self._prepare_teacher(teacher) if teacher is not None and self.method.uses_teacher else None
         self.teacher_runner = TeacherRunner(self.teacher, self.teacher_adapter)

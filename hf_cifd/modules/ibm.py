@@ -8,8 +8,7 @@ student embedding untouched and computes nothing, so it is never part of the exp
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Mapping, NamedTuple
 
 import torch
 from torch import nn
@@ -19,11 +18,12 @@ from .bottleneck import EntropyBottleneck1d
 from .projector import Projector
 
 
-@dataclass
-class IBMOutput:
+class IBMOutput(NamedTuple):
+    # A NamedTuple, not a dataclass: DeepSpeed ZeRO-3 hooks the tensors of a module's output only inside tuples,
+    # lists and dicts (its backward fails on a dataclass output whose input gets a gradient).
     noisy: torch.Tensor  # W^ in training, W in eval: feed this to the student head
     rate: torch.Tensor | None  # bits per sample (N,), None in eval
-    decoded: dict[str, torch.Tensor] = field(default_factory=dict)  # U^ per target
+    decoded: dict[str, torch.Tensor]  # U^ per target
 
 
 class InformationBottleneck(nn.Module):
