@@ -74,7 +74,7 @@ def image_model_macs(spec: str, image_size: int, num_classes: int) -> tuple[int,
     """(forward MACs per image, embedding width) of a model spec (``timm:resnet34``, ``cnn:cnn10``, ...), built on
     the meta device: no weights are created or downloaded."""
     from .adapters import adapter_for
-    from .pipeline import load_model
+    from .adapters.specs import load_model
 
     with torch.device("meta"):
         model = load_model(spec, num_classes=num_classes, pretrained=False).eval()
