@@ -118,8 +118,11 @@ def train_assistants(
         else:
             method, guide, extra = "dgkd", teacher, assistants[:k]
             guides = ["teacher", *(f"assistant_{j}" for j in range(k))]
+        # Only the student's run pushes; a teacher-output cache holds the TEACHER's outputs, so a stage guided by an
+        # assistant must not read it.
         stage_args = dataclasses.replace(args, method=method, output_dir=os.path.join(args.output_dir, f"assistant-{k}"),
-                                         push_to_hub=False)  # only the student's run pushes
+                                         push_to_hub=False,
+                                         teacher_cache_dir=args.teacher_cache_dir if guide is teacher else None)
         if method == "dgkd" and stage_args.dgkd_drop_num >= 1 + len(extra):
             stage_args = dataclasses.replace(stage_args, dgkd_drop_num=len(extra))
         kwargs = dict(trainer_kwargs)

@@ -112,6 +112,19 @@ def test_takd_chain_then_student_distils_from_the_last_assistant(tmp_path):
     assert trainer.state.log_history[0]["teacher_calls"] == 16
 
 
+def test_takd_chain_reads_the_teacher_cache_only_in_the_teachers_stage(tmp_path):
+    from hf_cifd.data import cache_teacher_outputs
+
+    ds = toy_dataset(16)
+    teacher = TinyNet(embed_dim=12, hidden=32)
+    cache_teacher_outputs(teacher, ds, str(tmp_path / "cache"), progress=False)
+    tas = [TinyNet(embed_dim=10, hidden=24), TinyNet(embed_dim=9, hidden=20)]
+    report = train_assistants(teacher, tas, _args(tmp_path, method="kd", teacher_cache_dir=str(tmp_path / "cache")), ds,
+                              procedure="takd", save=False)
+    # stage 0: the cache replaces the teacher (0 calls); stage 1: assistant 0 really runs (16 samples)
+    assert [s.guide_calls for s in report.stages] == [{"teacher": 0}, {"assistant_0": 16}]
+
+
 def test_dgkd_assistants_and_student_use_all_guides_with_kd_dropout(tmp_path):
     torch.manual_seed(0)
     ds = toy_dataset(32)
