@@ -3,10 +3,10 @@
     python scripts/bench.py --json bench.json        # `make bench`; ~6 min on 2 shared CPU cores
 
 Each ratio compares two set-ups A / B of the same run, interleaved A B A B ...: every round builds a fresh
-DistillationTrainer per set-up and trains ``--steps`` optimizer steps; the per-step wall times (between consecutive
-``on_step_end`` callbacks, so data loading, the cache reads, forward, backward and the optimizer step all count; the
-first step of a round is dropped) are pooled over the rounds and the ratio is median(A) / median(B). Load from other
-processes slows A and B alike; the load average is recorded. Models have random weights (speed does not depend on
+DistillationTrainer per set-up and trains a few optimizer steps; per-step wall times are the gaps between consecutive
+``on_step_end`` callbacks (data loading, cache reads, forward, backward and the optimizer step all count; the first
+step of a round has no gap). The ratio is the median over rounds of median(A) / median(B) within the round, so load
+that drifts between rounds cancels; the load average is recorded. Models have random weights (speed does not depend on
 them), data is in memory (the demo's digits, random 64 px images) or written here (the CLIP smoke recipe's shapes).
 
 Set-ups (targets from issue 13):
@@ -83,25 +83,31 @@ def _step_times(make, steps) -> list[float]:
     return [b - a for a, b in zip(ends[:-1], ends[1:])]
 
 
-def interleaved(makers: dict, steps: int, rounds: int, log) -> dict[str, list[float]]:
-    """Per-step times of each set-up, rounds run A B A B ..."""
-    times: dict[str, list[float]] = {k: [] for k in makers}
+def interleaved(makers: dict, steps: int, rounds: int, log) -> dict[str, list[list[float]]]:
+    """Per-step times of each set-up, per round; rounds run A B A B ..."""
+    times: dict[str, list[list[float]]] = {k: [] for k in makers}
     for r in range(rounds):
         for name, make in makers.items():
-            times[name] += _step_times(make, steps)
-        log(f"  round {r + 1}/{rounds}: " + ", ".join(f"{k} {1e3 * statistics.median(v):.1f} ms" for k, v in times.items()))
+            times[name].append(_step_times(make, steps))
+        log(f"  round {r + 1}/{rounds}: " + ", ".join(f"{k} {1e3 * statistics.median(v[-1]):.1f} ms"
+                                                      for k, v in times.items()))
     return times
 
 
 def ratio_row(name, a, b, values, target, kind="<=", note="", unit="ms/step"):
-    """``values``: seconds (unit ms/step, shown x1000) or MiB per sample of A and B."""
-    ma, mb = statistics.median(values[a]), statistics.median(values[b])
-    r = ma / mb
+    """``values[x]``: per round, the samples of set-up x (seconds per step, or MiB). The ratio is the median over
+    rounds of median(A) / median(B) in that round (A and B ran back to back, under the same load); the medians shown
+    are over all samples."""
+    ratios = [statistics.median(ra) / statistics.median(rb) for ra, rb in zip(values[a], values[b])]
+    pooled_a = [x for r in values[a] for x in r]
+    pooled_b = [x for r in values[b] for x in r]
+    r = statistics.median(ratios)
     met = r <= target if kind == "<=" else r >= target
     scale = 1e3 if unit == "ms/step" else 1.0
-    return {"name": name, "a": a, "b": b, "median_a": round(scale * ma, 3), "median_b": round(scale * mb, 3),
-            "unit": unit, "samples_a": len(values[a]), "samples_b": len(values[b]), "ratio": round(r, 3),
-            "target": f"{kind} {target}", "met": met, "note": note}
+    return {"name": name, "a": a, "b": b, "median_a": round(scale * statistics.median(pooled_a), 3),
+            "median_b": round(scale * statistics.median(pooled_b), 3), "unit": unit, "rounds": len(ratios),
+            "samples_a": len(pooled_a), "samples_b": len(pooled_b), "ratio": round(r, 3),
+            "round_ratios": [round(x, 3) for x in ratios], "target": f"{kind} {target}", "met": met, "note": note}
 
 
 # ----------------------------------------------------------------------------------------------- set-ups
@@ -253,8 +259,8 @@ def memory_child(method: str, steps: int, batch_size: int) -> None:
     print(json.dumps({"base_kb": base, "peak_kb": peak}))
 
 
-def peak_memory(methods, rounds, steps, batch_size, threads, log) -> dict[str, list[float]]:
-    out: dict[str, list[float]] = {m: [] for m in methods}
+def peak_memory(methods, rounds, steps, batch_size, threads, log) -> dict[str, list[list[float]]]:
+    out: dict[str, list[list[float]]] = {m: [] for m in methods}
     for r in range(rounds):
         for m in methods:
             res = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-child", m, "--steps", str(steps),
@@ -263,8 +269,8 @@ def peak_memory(methods, rounds, steps, batch_size, threads, log) -> dict[str, l
             if res.returncode != 0:
                 raise RuntimeError(res.stderr[-3000:])
             row = json.loads(res.stdout.strip().splitlines()[-1])
-            out[m].append((row["peak_kb"] - row["base_kb"]) / 1024)
-        log(f"  round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.0f} MiB" for k, v in out.items()))
+            out[m].append([(row["peak_kb"] - row["base_kb"]) / 1024])
+        log(f"  round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1][0]:.0f} MiB" for k, v in out.items()))
     return out
 
 
@@ -321,7 +327,7 @@ def main(argv=None):
             make = tiny_setup(tmp)
             t = interleaved({"cifd_cache": make("cifd", live=False), "kd_cache": make("kd", live=False),
                              "cifd_live": make("cifd", live=True), "kd_live": make("kd", live=True),
-                             "student": make("student", live=True)}, steps=60, rounds=a.rounds, log=log)
+                             "student": make("student", live=True)}, steps=20, rounds=3 * a.rounds, log=log)
             raw["tiny"] = t
             rows += [ratio_row("tiny CNNs, CIFD / KD, teacher cache (the demo)", "cifd_cache", "kd_cache", t, 1.2,
                                note="RDM outputs cached with the teacher outputs"),
@@ -334,14 +340,14 @@ def main(argv=None):
             log("timm ResNet34 -> ResNet18 (random weights, 64 px, batch 16)")
             t = interleaved({"cifd_live": make("cifd", True), "kd_live": make("kd", True),
                              "kd_cache": make("kd", False), "student": make("student", True)},
-                            steps=6, rounds=a.rounds, log=log)
+                            steps=4, rounds=2 * a.rounds, log=log)
             raw["resnet"] = t
             rows += [ratio_row("ResNet34 -> ResNet18, CIFD / KD, live teacher", "cifd_live", "kd_live", t, 1.05),
                      ratio_row("ResNet18, KD from cache / student alone", "kd_cache", "student", t, 1.10)]
         if "clip" in sections:
             log("CLIP smoke recipe's tiny open_clip ViT pair (batch 64, streamed shapes data)")
             mk = clip_setup(tmp)
-            t = interleaved({"cifd": mk("cifd"), "openclip": mk("openclip")}, steps=12, rounds=a.rounds, log=log)
+            t = interleaved({"cifd": mk("cifd"), "openclip": mk("openclip")}, steps=8, rounds=2 * a.rounds, log=log)
             raw["clip"] = t
             rows.append(ratio_row("CLIP ViT pair, CIFD / open_clip distillation, live teacher", "cifd", "openclip", t,
                                   1.05, note="3 RDMs + IBM per modality"))
@@ -357,8 +363,8 @@ def main(argv=None):
             for r in range(a.rounds):
                 for name in t:
                     live, n = name.startswith("live"), int(name[-1])
-                    t[name] += rdm_step_times(data, teacher, cache, n, live, steps=5 if live else 20, batch_size=32)
-                log(f"  round {r + 1}/{a.rounds}: " + ", ".join(f"{k} {1e3 * statistics.median(v):.1f} ms/step"
+                    t[name].append(rdm_step_times(data, teacher, cache, n, live, steps=5 if live else 20, batch_size=32))
+                log(f"  round {r + 1}/{a.rounds}: " + ", ".join(f"{k} {1e3 * statistics.median(v[-1]):.1f} ms/step"
                                                               for k, v in t.items()))
             raw["rdm"] = t
             note = "per optimizer step, set-up and the final evaluation excluded"
