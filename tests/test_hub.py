@@ -316,3 +316,26 @@ def test_pipeline_pushes_only_the_student_stage_and_the_rdm_repo(tmp_path, monke
     (accuracy,) = [r for r in card.data.eval_results if r.metric_type == "accuracy"]
     assert accuracy.metric_value == pytest.approx(results["eval_accuracy"])
     assert "| R | bits / sample | distortion | accuracy |" in card.text and "`cnn:cnn10`" in card.text
+
+
+def test_clip_student_card_holds_zero_shot_and_retrieval_as_fractions(tmp_path):
+    from huggingface_hub import ModelCard
+
+    from hf_cifd.hub import model_hub_id, student_model_card
+
+    metrics = {"eval_loss": 1.5, "eval_zeroshot_top1": 47.9, "eval_zeroshot_top5": 100.0,
+               "eval_zeroshot_chance_top1": 4.17, "eval_image_retrieval_recall@1": 5.5}
+    teacher = "open_clip:ViT-L-14@openai"
+    card = student_model_card(model_name="vits16-cifd", library="open_clip", task="clip", method="cifd",
+                              settings={"lambda_cl": 0.005}, metrics=metrics, teacher=teacher,
+                              teacher_hub_id=model_hub_id(None, teacher), datasets=["pixparse/cc12m-wds"],
+                              repo_id="me/vits16-cifd")
+    card.save(str(tmp_path / "README.md"))
+    loaded = ModelCard.load(str(tmp_path / "README.md"))
+    assert loaded.data.pipeline_tag == "zero-shot-image-classification" and loaded.data.library_name == "open_clip"
+    assert loaded.data.base_model == "timm/vit_large_patch14_clip_224.openai"  # open_clip's own pretrained config
+    values = {r.metric_name: r.metric_value for r in loaded.data.eval_results}
+    assert values == {"zero-shot top1": pytest.approx(0.479), "zero-shot top5": pytest.approx(1.0),
+                      "image retrieval recall@1": pytest.approx(0.055), "distillation loss": 1.5}
+    assert 'open_clip.create_model_and_transforms("hf-hub:me/vits16-cifd")' in loaded.text
+    assert model_hub_id(None, "open_clip:ViT-S-16") is None and model_hub_id(None, "timm:resnet18", False) is None
