@@ -771,17 +771,28 @@ class DistillationTrainer(StreamTrackingMixin, Trainer):
             logger.info("Saved the %s student (+ model card) to %s", self.student_adapter.library, output_dir)
 
     def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
-        """Trainer's repo creation, with offline mode / no network / no login as one clear error."""
+        """Trainer's repo creation (``hub_model_id``, else the output_dir's name) through ``HfApi.create_repo``, with
+        offline mode / no network / no login as one clear error."""
+        from pathlib import Path
+
+        from huggingface_hub import HfApi
+
         from .hub import as_hub_error, check_hub_reachable
 
+        if not self.is_world_process_zero():
+            return
         check_hub_reachable()
+        name = self.args.hub_model_id or Path(self.args.output_dir).absolute().name
+        token = token if token is not None else self.args.hub_token
+        private = private if private is not None else self.args.hub_private_repo
         try:
-            super().init_hf_repo(token=token, private=private)
+            self.hub_model_id = HfApi(token=token).create_repo(name, private=private, exist_ok=True).repo_id
         except Exception as e:  # noqa: BLE001
             err = as_hub_error(e)
             if err is None:
                 raise
             raise err from None
+        self.push_in_progress = None
 
     def _stage_student(self) -> str:
         """The exported student in a clean ``<output_dir>/.hub_staging`` (every process: ZeRO-3 gathers)."""
