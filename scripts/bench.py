@@ -1,6 +1,6 @@
 """Speed and memory of distillation as ratios, measured side by side in one run (a benchmark, not a test).
 
-    python scripts/bench.py --json bench.json        # `make bench`; ~6 min on 2 shared CPU cores
+    python scripts/bench.py --json bench.json    # `make bench`; 11.6 min on 2 cores under a load average of 12
 
 Each ratio compares two set-ups A / B of the same run, interleaved A B A B ...: every round builds a fresh
 DistillationTrainer per set-up and trains a few optimizer steps; per-step wall times are the gaps between consecutive
