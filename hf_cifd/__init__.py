@@ -36,6 +36,8 @@ _EXPORTS = {
     "load_image_dataset": "hf_cifd.data",
     "evaluate_clip": "hf_cifd.clip_eval",
     "CLIPEvaluator": "hf_cifd.clip_eval",
+    "train_validation_split": "hf_cifd.hpo",
+    "default_hp_space": "hf_cifd.hpo",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -132,7 +132,7 @@ class DistillationTrainer(StreamTrackingMixin, Trainer):
 
     def __init__(
         self,
-        model: nn.Module,
+        model: nn.Module | None = None,
         teacher: nn.Module | str | None = None,
         args: DistillationConfig | None = None,
         train_dataset=None,
@@ -163,6 +163,17 @@ class DistillationTrainer(StreamTrackingMixin, Trainer):
         base_model = model_hub_id(None, teacher_spec) if teacher_spec else model_hub_id(teacher)
         self.model_card_info: dict[str, Any] = {"teacher": teacher_spec, "base_model": base_model,
                                                 "datasets": None, "eval_split": None, "rdm_metrics": None}
+        # model_init(trial) -> a fresh student; each hyperparameter-search trial wraps it in a fresh container
+        # (IBMs, projectors, method modules: see call_model_init). ``rdms`` may be a callable(config) -> RDMs,
+        # called again when a trial changes the RDM rates.
+        model_init = kwargs.pop("model_init", None)
+        if (model is None) == (model_init is None):
+            raise DistillationInputError("pass the student as model=... or as model_init=... (for "
+                                         "hyperparameter_search), exactly one of them.")
+        if model_init is not None:
+            from transformers.trainer_utils import number_of_arguments
+
+            model = model_init(None) if number_of_arguments(model_init) == 1 else model_init()
         self.student_adapter = student_adapter or adapter_for(model)
         self.method = build_method(args, self.student_adapter.task)
         # Comparative KD add-on, teacher-call budget subset and InDistill warm-up (methods/ckd.py, indistill.py):
@@ -197,20 +208,15 @@ class DistillationTrainer(StreamTrackingMixin, Trainer):
                 "(teacher_cache=... / --teacher_cache_dir, written by `hf-cifd cache-teacher`)."
             )
         self.teacher_adapter = teacher_adapter or (adapter_for(teacher) if teacher is not None else None)
-        student_dims = self.student_adapter.embedding_dims(model)
         teacher_dims = self._teacher_dims(teacher)
+        self._rdm_factory, self._rdm_memo = (rdms, {}) if callable(rdms) else (None, None)
+        if self._rdm_factory is not None:
+            rdms = self._factory_rdms(args)
         rdm_map = self._check_inputs(args, model, teacher, rdms, teacher_dims, train_dataset)
 
-        ibms, projectors = {}, {}
-        if self.method.matches_embeddings and teacher_dims:
-            for modality, dim in student_dims.items():
-                if args.use_ibm and self.method.uses_rdms:
-                    ibms[modality] = InformationBottleneck(dim, teacher_dims[modality],
-                                                           _ibm_decoder_layers(args, modality, dim, teacher_dims[modality]))
-                else:
-                    projectors[modality] = Projector(dim, teacher_dims[modality], args.projector_layers)
-        container = DistillationModel(model, self.student_adapter, ibms, projectors,
-                                      self.method.extra_modules(student_dims, teacher_dims))
+        self._teacher_widths = teacher_dims
+        student_dims = self.student_adapter.embedding_dims(model)
+        container = self._build_container(model, args)
         if data_collator is None:
             data_collator = collate
         if self.teacher_cache is not None:
@@ -242,6 +248,7 @@ class DistillationTrainer(StreamTrackingMixin, Trainer):
                 # whole bottleneck when it runs.
                 set_z3_leaf_modules(container, [EntropyBottleneck1d])
 
+        self.model_init = model_init
         self.teacher = self._prepare_teacher(teacher) if teacher is not None and self.method.uses_teacher else None
         self.teacher_runner = TeacherRunner(self.teacher, self.teacher_adapter)
         self._setup_budget_and_warmup(indistill_teacher)
@@ -263,6 +270,68 @@ class DistillationTrainer(StreamTrackingMixin, Trainer):
                 "does not allow: use nonfinite_policy='stop' with DeepSpeed.")
 
     # ------------------------------------------------------------------ set-up
+    def _build_container(self, student: nn.Module, args: DistillationConfig) -> DistillationModel:
+        """The student plus freshly initialised IBMs / projectors / method modules (seeded by the caller)."""
+        student_dims, teacher_dims = self.student_adapter.embedding_dims(student), self._teacher_widths
+        ibms, projectors = {}, {}
+        if self.method.matches_embeddings and teacher_dims:
+            for modality, dim in student_dims.items():
+                if args.use_ibm and self.method.uses_rdms:
+                    ibms[modality] = InformationBottleneck(dim, teacher_dims[modality],
+                                                           _ibm_decoder_layers(args, modality, dim, teacher_dims[modality]))
+                else:
+                    projectors[modality] = Projector(dim, teacher_dims[modality], args.projector_layers)
+        return DistillationModel(student, self.student_adapter, ibms, projectors,
+                                 self.method.extra_modules(student_dims, teacher_dims))
+
+    def _factory_rdms(self, args: DistillationConfig):
+        """RDMs from the ``rdms`` callable, memoised by rates (a trial that keeps the rates reuses them)."""
+        if not (self.method.uses_rdms and args.num_rdms):
+            return None
+        key = tuple(args.rdm_rates)
+        if key not in self._rdm_memo:
+            self._rdm_memo[key] = self._rdm_factory(args)
+        return self._rdm_memo[key]
+
+    def call_model_init(self, trial=None) -> DistillationModel:
+        """A fresh container per hyperparameter-search trial: the trial's values are applied to ``args`` first (Trainer
+        applies them only after building the model), the seed becomes ``seed + trial.number`` (every trial starts
+        from its own initial weights), then the student, IBMs / projectors and method modules are built anew and,
+        when the trial changed the RDM rates, the RDMs are re-made by the ``rdms`` callable."""
+        from .hpo import apply_trial_params
+
+        if trial is not None and self.hp_search_backend is not None:
+            apply_trial_params(self, trial)
+        enable_full_determinism(self.args.seed) if self.args.full_determinism else set_seed(self.args.seed)
+        student = super().call_model_init(trial)
+        if self.indistill is not None:  # its hooks and channel selections belong to one student
+            from .methods.indistill import InDistillStage
+
+            old = self.indistill
+            self.indistill = InDistillStage.from_config(self.args, old.teacher, student, old.teacher_adapter)
+            self.indistill.teacher, self.indistill.counter = old.teacher, old.counter
+        if self._rdm_factory is not None and self.method.uses_rdms:
+            rdm_map = self._check_inputs(self.args, student, self.teacher, self._factory_rdms(self.args),
+                                         self._teacher_widths, None)
+            self.rdms = nn.ModuleDict({m: nn.ModuleList(r) for m, r in rdm_map.items()})
+            self.rdms.to(self.args.device).eval().requires_grad_(False)
+            if self._rdm_cache_dir is not None:  # the cached RDM outputs were the previous RDMs'
+                self.data_collator = self.data_collator.collate_fn
+                self._rdm_cache_dir.cleanup()
+            self._rdm_cache_dir = self._cache_rdm_outputs()
+        return self._build_container(student, self.args)
+
+    def hyperparameter_search(self, hp_space=None, compute_objective=None, n_trials: int = 20,
+                              direction: str | None = None, backend: str | None = "optuna", hp_name=None, *,
+                              storage: str | None = None, study_name: str | None = None, pruner=None, **kwargs):
+        """Trainer's hyperparameter search with this method's default space, an ASHA-style pruner and a resumable
+        study; see :func:`hf_cifd.hpo.run_search` (arguments, defaults and what a resumed search does)."""
+        from .hpo import run_search
+
+        return run_search(self, super().hyperparameter_search, hp_space=hp_space, compute_objective=compute_objective,
+                          n_trials=n_trials, direction=direction, backend=backend, hp_name=hp_name, storage=storage,
+                          study_name=study_name, pruner=pruner, **kwargs)
+
     @staticmethod
     def _open_cache(cache):
         if cache is None or not isinstance(cache, (str, os.PathLike)):
