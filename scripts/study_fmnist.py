@@ -1,0 +1,597 @@
+"""The CIFD paper's Table 1 setting on real data, offline: Fashion-MNIST, 10-layer CNN teacher -> 2-layer CNN student.
+
+    make study        # = python scripts/study_fmnist.py --budget default (installs the Debian data set first)
+
+Resumable: every finished unit of work (teacher, cache, pilot run, rate sweep, TA, tuning trial, final seed) is
+appended to ``<results_dir>/runs.jsonl`` (models and caches go to ``<work_dir>``, tuning studies to
+``<work_dir>/hpo.db``); a restart skips what is recorded. ``--budget`` picks the size (``default``: sized for a
+2-core CPU shared with other jobs, well under an hour; ``smoke``: a couple of minutes), and every size knob can be
+overridden (``--n_train``, ``--epochs``, ``--trials``, ``--seeds``, ...). ``--report_only`` rebuilds the JSON,
+table and plots from runs.jsonl.
+
+Protocol (what a demanding reader needs to trust the table):
+* data: a validation split of ``n_val`` images carved from Fashion-MNIST's training set; the teacher's training pool
+  (``n_teacher`` other training images); the students' training set = the first ``n_train`` images of that pool;
+  the test split (10,000 images) is used only for the final numbers.
+* regime: the teacher (trained on the larger pool) has something to teach a student that sees only ``n_train``
+  images. Pilot runs (untuned, one seed) of student vs KD at several ``n_train`` document that choice.
+* models: the paper's Table 8 CNNs adapted to 28x28x1 (``hf_cifd.models.TABLE8``): teacher cnn10, student cnn2,
+  teacher assistants cnn8 / cnn6 / cnn4 (TAKD: a KD chain teacher -> cnn8 -> cnn6 -> cnn4 -> student; DGKD: the
+  same TAs all distilling into the student at once, with KD dropout).
+* RDMs: first a rate sweep (RDMs at many R trained from the cached teacher embeddings of the pool, scored on the
+  validation split: ``rd_curve.png``), then R chosen so that the 1 / 3 / 5 RDMs' validation accuracies spread
+  between the student's and the teacher's.
+* tuning: every method gets the same number of Optuna trials (``DistillationTrainer.hyperparameter_search``, default
+  space of ``hf_cifd.hpo`` with the ranges below, successive-halving pruner), selected on validation accuracy; then
+  ``--seeds`` seeds at the chosen setting, scored on the test split.
+* cost: training MACs counted as the paper's Appendix D.2 does (forward passes only; every model run during the
+  student's training counted per image and epoch, as if the teacher ran live, plus the method's own extra stages:
+  TA training for TAKD/DGKD, the RDM stage with one cached teacher pass for CIFD; the teacher's own training, shared by
+  all, excluded); measured wall seconds; teacher calls = teacher forwards made during training (cached outputs cost
+  none; the one cache fill is reported separately).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+BUDGETS: dict[str, dict[str, Any]] = {
+    # sized for < 60 min on the shared 2-core machine (teacher ~5 min; 12 methods x (4 trials + 3 seeds) of ~20 s runs)
+    "default": dict(n_train=2000, n_teacher=10000, n_val=1000, test_max=10000, teacher_epochs=5, epochs=10,
+                    ta_epochs=10, rdm_epochs=20, trials=4, seeds=3, pilot_sizes=[500, 2000, 6000]),
+    "smoke": dict(n_train=300, n_teacher=600, n_val=200, test_max=500, teacher_epochs=1, epochs=2, ta_epochs=1,
+                  rdm_epochs=2, trials=2, seeds=2, pilot_sizes=[300]),
+}
+RATE_GRID = [0.01, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 1000.0]
+# Search ranges (hf_cifd.hpo.RANGES overrides): the learning rate within x/÷ 3 of lr below, the rest as hf_cifd.hpo.
+LR, LR_FACTOR = 3e-3, 3.0
+BATCH = 64
+
+logger = logging.getLogger("study_fmnist")
+
+
+# ---------------------------------------------------------------------------------------------------- bookkeeping
+class Runs:
+    """runs.jsonl: one JSON object per finished unit, keyed by ``id``; a restart skips recorded ids."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.rows: dict[str, dict] = {}
+        if os.path.exists(path):
+            with open(path) as f:
+                for line in f:
+                    if line.strip():
+                        row = json.loads(line)
+                        self.rows[row["id"]] = row
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.rows
+
+    def __getitem__(self, key: str) -> dict:
+        return self.rows[key]
+
+    def add(self, row: dict) -> dict:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        self.rows[row["id"]] = row
+        logger.info("recorded %s: %s", row["id"], {k: v for k, v in row.items() if k in ("val_accuracy", "test_accuracy", "seconds")})
+        return row
+
+
+def forward_macs(model: torch.nn.Module, shape=(1, 1, 28, 28)) -> int:
+    """Multiply-accumulates of one forward pass of one image (Conv2d and Linear layers; pooling/ReLU ignored)."""
+    total = [0]
+
+    def hook(module, inputs, output):
+        if isinstance(module, torch.nn.Conv2d):
+            k = module.kernel_size[0] * module.kernel_size[1] * module.in_channels // module.groups
+            total[0] += output.numel() // output.shape[0] * k
+        elif isinstance(module, torch.nn.Linear):
+            total[0] += module.in_features * module.out_features * (inputs[0].numel() // inputs[0].shape[-1]) // inputs[0].shape[0]
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        x = torch.zeros(shape)
+        if hasattr(model, "encoder") and not hasattr(model, "features"):  # an RDM: input = teacher embedding
+            x = torch.zeros(1, model.embed_dim)
+        model(x)
+    model.train(was)
+    for h in handles:
+        h.remove()
+    return total[0]
+
+
+# ---------------------------------------------------------------------------------------------------- models, data
+def cnn(name: str):
+    from hf_cifd.models import TABLE8, SimpleCNN
+
+    return SimpleCNN(TABLE8[name], num_classes=10, in_channels=1, input_size=28)
+
+
+def rdm_for(rate: float, embed_dim: int = 512):
+    """The paper's Table 1 RDM (FC512, FC306, [bottleneck], FC100, output) where fidelity's constructor exists, else
+    the same widths with the reconstruction layer back to the teacher's 512-wide embedding."""
+    from hf_cifd import RateDistortionModule
+
+    if hasattr(RateDistortionModule, "paper_cifar_cnn"):
+        return RateDistortionModule.paper_cifar_cnn(embed_dim=embed_dim, num_classes=10, rate_weight=rate)
+    return RateDistortionModule(embed_dim, hidden_dims=(512, 306, 100), bottleneck_after=2, activate=(True, False, True),
+                                num_classes=10, rate_weight=rate)
+
+
+def config(out, method, seed, epochs, **kw):
+    from hf_cifd import DistillationConfig
+
+    base = dict(output_dir=out, method=method, seed=seed, num_train_epochs=epochs, per_device_train_batch_size=BATCH,
+                per_device_eval_batch_size=500, learning_rate=LR, weight_decay=1e-4, lr_scheduler_type="cosine",
+                logging_strategy="no", save_strategy="no", eval_strategy="no", report_to=[], use_cpu=True,
+                disable_tqdm=True, dataloader_num_workers=0)
+    base.update(kw)
+    return DistillationConfig(**base)
+
+
+@torch.no_grad()
+def accuracy(trainer, samples) -> float:
+    """Top-1 accuracy (%) of the trainer's student on ``samples``, computed here (the student alone, eval mode)."""
+    student = trainer.accelerator.unwrap_model(trainer.model).student
+    was = student.training
+    student.eval()
+    correct = 0
+    for i in range(0, len(samples), 500):
+        chunk = samples[i:i + 500]
+        x = torch.stack([s["pixel_values"] for s in chunk])
+        y = torch.stack([s["labels"] for s in chunk])
+        correct += int((student(x)[1].argmax(-1) == y).sum())
+    student.train(was)
+    return 100.0 * correct / len(samples)
+
+
+class Study:
+    def __init__(self, a):
+        self.a = a
+        os.makedirs(a.work_dir, exist_ok=True)
+        os.makedirs(a.results_dir, exist_ok=True)
+        self.runs = Runs(os.path.join(a.results_dir, "runs.jsonl"))
+        self.hpo_db = os.path.join(a.work_dir, "hpo.db")
+        self._data = None
+        self._teacher = None
+        self._rdm_bank = None
+        self._tas: dict[str, Any] = {}
+
+    # ---------------------------------------------------------------- data
+    def data(self):
+        if self._data is None:
+            from hf_cifd.data.fmnist import fashion_mnist_samples
+
+            a = self.a
+            order = torch.randperm(60000, generator=torch.Generator().manual_seed(0)).tolist()
+            val_idx, pool_idx = order[:a.n_val], order[a.n_val:a.n_val + a.n_teacher]
+            train_all = fashion_mnist_samples("train", val_idx + pool_idx)
+            val, pool = train_all[:a.n_val], train_all[a.n_val:]
+            test = fashion_mnist_samples("test", range(min(a.test_max, 10000)))
+            self._data = {"val": val, "pool": pool, "train": pool[:a.n_train], "test": test}
+        return self._data
+
+    def train_set(self, n=None):
+        return self.data()["pool"][: (n or self.a.n_train)]
+
+    # ---------------------------------------------------------------- teacher + cache
+    def teacher(self):
+        from hf_cifd import DistillationTrainer
+        from hf_cifd.models import SimpleCNN
+
+        path = os.path.join(self.a.work_dir, "teacher")
+        if self._teacher is None and "teacher" in self.runs and os.path.isdir(path):
+            self._teacher = SimpleCNN.from_pretrained(path)
+        if self._teacher is None:
+            d = self.data()
+            t0 = time.perf_counter()
+            torch.manual_seed(0)
+            model = cnn("cnn10")
+            trainer = DistillationTrainer(model=model, args=config(path, "student", 0, self.a.teacher_epochs, learning_rate=1e-3),
+                                          train_dataset=d["pool"])
+            trainer.train()
+            model.save_pretrained(path)
+            self.runs.add({"id": "teacher", "model": "cnn10", "train_images": len(d["pool"]),
+                           "epochs": self.a.teacher_epochs, "val_accuracy": accuracy(trainer, d["val"]),
+                           "test_accuracy": accuracy(trainer, d["test"]), "seconds": round(time.perf_counter() - t0, 1),
+                           "forward_macs": forward_macs(model)})
+            self._teacher = model
+        return self._teacher.eval()
+
+    def cache(self, name="teacher", model=None, samples=None):
+        """Outputs of ``model`` (default: the teacher) over the pool + validation images, computed once."""
+        from hf_cifd.data import cache_teacher_outputs
+
+        path = os.path.join(self.a.work_dir, f"cache_{name}")
+        key = f"cache/{name}"
+        if key not in self.runs:
+            d = self.data()
+            t0 = time.perf_counter()
+            report = cache_teacher_outputs(model if model is not None else self.teacher(),
+                                           samples if samples is not None else d["pool"] + d["val"], path,
+                                           dtype="float32", shard_size=2048, batch_size=500, progress=False)
+            self.runs.add({"id": key, "teacher_calls": report.teacher_calls, "seconds": round(time.perf_counter() - t0, 1)})
+        return path
+
+    # ---------------------------------------------------------------- one student run / one search
+    def trainer(self, method_spec: dict, seed: int, train, eval_set=None, model_init=None, **overrides):
+        from hf_cifd import DistillationTrainer
+
+        spec = dict(method_spec)
+        kw: dict[str, Any] = {}
+        method = spec.pop("method")
+        teacher_source = spec.pop("teacher_source", "teacher")
+        if method != "student":
+            kw["teacher_cache"] = self.cache() if teacher_source == "teacher" else self.ta_cache(teacher_source)
+        if spec.pop("indistill", False):
+            kw["teacher"] = self.teacher()  # the warm-up reads the teacher's feature maps (live)
+        if spec.pop("dgkd", False):
+            kw["assistants"] = [self.ta(n) for n in ("cnn8", "cnn6", "cnn4")]
+        n_rdms = spec.pop("rdms", 0)
+        if n_rdms:
+            rates = self.chosen_rates(n_rdms)
+            kw["rdms"] = self.rdms_at(rates)
+            spec.update(num_rdms=n_rdms, rdm_rates=rates)
+        elif method == "cifd":
+            spec.update(num_rdms=0)
+        spec.update(overrides)
+        out = os.path.join(self.a.work_dir, "runs", method)
+        args = config(out, method, seed, self.a.epochs, **spec)
+        if model_init is None:
+            torch.manual_seed(seed)
+            kw["model"] = cnn("cnn2")
+        else:
+            kw["model_init"] = model_init
+        return DistillationTrainer(args=args, train_dataset=train, eval_dataset=eval_set, **kw)
+
+    def tune(self, name: str, spec: dict) -> dict:
+        key = f"tune/{name}"
+        if key in self.runs:
+            return self.runs[key]
+        import optuna
+
+        from hf_cifd.hpo import config_overrides, default_hp_space, finished_trials, storage_url
+
+        d = self.data()
+        t0 = time.perf_counter()
+        trainer = self.trainer(spec, 0, self.train_set(), d["val"], model_init=lambda trial: cnn("cnn2"),
+                               eval_strategy="epoch")
+        space = default_hp_space(trainer.args, lr_factor=LR_FACTOR)
+        if self.a.trials > 0:
+            best = trainer.hyperparameter_search(n_trials=self.a.trials, storage=self.hpo_db, study_name=name,
+                                                 hp_space=space)
+            params = config_overrides(best.hyperparameters)
+            objective = float(best.objective)
+        else:
+            params, objective = {}, None
+        study = optuna.load_study(study_name=name, storage=storage_url(self.hpo_db)) if self.a.trials > 0 else None
+        trials = [{"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
+                   "epochs_reported": len(t.intermediate_values)} for t in (study.trials if study else [])]
+        return self.runs.add({"id": key, "method": name, "chosen": params, "val_accuracy": objective,
+                              "trial_budget": self.a.trials, "finished_trials": finished_trials(study) if study else 0,
+                              "trials": trials, "seconds": round(time.perf_counter() - t0, 1)})
+
+    def final(self, name: str, spec: dict, seed: int) -> dict:
+        key = f"final/{name}/seed={seed}"
+        if key in self.runs:
+            return self.runs[key]
+        chosen = self.tune(name, spec)["chosen"]
+        d = self.data()
+        t0 = time.perf_counter()
+        trainer = self.trainer(spec, seed, self.train_set(), **chosen)
+        trainer.train()
+        seconds = time.perf_counter() - t0
+        return self.runs.add({"id": key, "method": name, "seed": seed, "test_accuracy": accuracy(trainer, d["test"]),
+                              "val_accuracy": accuracy(trainer, d["val"]), "seconds": round(seconds, 1),
+                              "teacher_calls": int(trainer.teacher_calls), "settings": chosen})
+
+    # ---------------------------------------------------------------- regime pilot
+    def pilot(self):
+        d = self.data()
+        for n in self.a.pilot_sizes:
+            for method in ("student", "kd"):
+                key = f"pilot/{method}/n={n}"
+                if key in self.runs:
+                    continue
+                t0 = time.perf_counter()
+                trainer = self.trainer({"method": method}, 0, self.train_set(n))
+                trainer.train()
+                self.runs.add({"id": key, "method": method, "n_train": n, "val_accuracy": accuracy(trainer, d["val"]),
+                               "seconds": round(time.perf_counter() - t0, 1)})
+
+    # ---------------------------------------------------------------- RDMs: rate sweep, chosen rates
+    def rate_sweep(self) -> dict:
+        if "sweep" in self.runs and os.path.isdir(os.path.join(self.a.work_dir, "rdms_sweep")):
+            return self.runs["sweep"]
+        from hf_cifd import train_rdms
+
+        d = self.data()
+        t0 = time.perf_counter()
+        torch.manual_seed(0)
+        report = train_rdms(d["pool"], teacher_cache=self.cache(), rdms=[rdm_for(r) for r in RATE_GRID],
+                            eval_dataset=d["val"], output_dir=os.path.join(self.a.work_dir, "rdms_sweep"),
+                            epochs=self.a.rdm_epochs, batch_size=256, progress=False)
+        return self.runs.add({"id": "sweep", "rates": RATE_GRID, "metrics": report.metrics,
+                              "teacher_val_accuracy": report.teacher_accuracy, "rdm_epochs": self.a.rdm_epochs,
+                              "train_images": len(d["pool"]), "seconds": round(time.perf_counter() - t0, 1),
+                              "rdm_forward_macs": forward_macs(rdm_for(1.0))})
+
+    def chosen_rates(self, n: int) -> list[float]:
+        """R for n RDMs: validation accuracies spread evenly between the student's (pilot, untuned) and the teacher's;
+        for each target the swept R whose RDM is closest, highest R first (the paper's order)."""
+        sweep = self.rate_sweep()
+        lo = self.runs[f"pilot/student/n={self.a.n_train}"]["val_accuracy"] if f"pilot/student/n={self.a.n_train}" in self.runs else None
+        hi = sweep["teacher_val_accuracy"]
+        lo = lo if lo is not None else min(m["accuracy"] for m in sweep["metrics"])
+        targets = [lo + (hi - lo) * (i + 1) / (n + 1) for i in range(n)]
+        rows = sorted(sweep["metrics"], key=lambda m: m["rate_weight"])
+        chosen: list[float] = []
+        for target in sorted(targets, reverse=True):
+            free = [m for m in rows if m["rate_weight"] not in chosen] or rows
+            chosen.append(min(free, key=lambda m: abs(m["accuracy"] - target))["rate_weight"])
+        return sorted(chosen, reverse=True)
+
+    def rdms_at(self, rates):
+        from hf_cifd import RateDistortionModule
+
+        out = []
+        for r in rates:
+            i = RATE_GRID.index(r)
+            out.append(RateDistortionModule.from_pretrained(os.path.join(self.a.work_dir, "rdms_sweep", f"rdm-image-{i}")).eval())
+        return out
+
+    # ---------------------------------------------------------------- teacher assistants (TAKD chain; DGKD's TAs)
+    def ta(self, name: str):
+        from hf_cifd import DistillationTrainer
+        from hf_cifd.models import SimpleCNN
+
+        if name in self._tas:
+            return self._tas[name]
+        path = os.path.join(self.a.work_dir, f"ta_{name}")
+        key = f"ta/{name}"
+        if key in self.runs and os.path.isdir(path):
+            self._tas[name] = SimpleCNN.from_pretrained(path).eval()
+            return self._tas[name]
+        upstream = {"cnn8": "teacher", "cnn6": "cnn8", "cnn4": "cnn6"}[name]
+        cache = self.cache() if upstream == "teacher" else self.ta_cache(upstream)
+        d = self.data()
+        t0 = time.perf_counter()
+        torch.manual_seed(0)
+        model = cnn(name)
+        trainer = DistillationTrainer(model=model, args=config(path, "kd", 0, self.a.ta_epochs), teacher_cache=cache,
+                                      train_dataset=self.train_set())
+        trainer.train()
+        model.save_pretrained(path)
+        self.runs.add({"id": key, "upstream": upstream, "epochs": self.a.ta_epochs, "train_images": self.a.n_train,
+                       "val_accuracy": accuracy(trainer, d["val"]), "seconds": round(time.perf_counter() - t0, 1),
+                       "forward_macs": forward_macs(model)})
+        self._tas[name] = model.eval()
+        return self._tas[name]
+
+    def ta_cache(self, name: str) -> str:
+        d = self.data()
+        return self.cache(f"ta_{name}", self.ta(name), self.train_set() + d["val"])
+
+
+def method_specs(available: set[str]) -> dict[str, dict]:
+    """Every method of the study: name -> DistillationConfig overrides (+ study keys: rdms, teacher_source, ...)."""
+    specs = {
+        "student": {"method": "student"},
+        "kd": {"method": "kd"},
+        "takd": {"method": "kd", "teacher_source": "cnn4"},  # the last link of the chain teacher->cnn8->cnn6->cnn4
+    }
+    if "dgkd" in available:
+        specs["dgkd"] = {"method": "dgkd", "dgkd": True}
+    for n in (1, 3, 5):
+        specs[f"cifd_{n}rdm"] = {"method": "cifd", "rdms": n, "use_ibm": True}
+        specs[f"cifd_{n}rdm_noibm"] = {"method": "cifd", "rdms": n, "use_ibm": False}
+    specs["indistill+kd"] = {"method": "kd", "indistill": True,
+                             "indistill_layers": ["features.1:features.1", "features.6:features.4"],
+                             "indistill_durations": [1.0, 1.0]}
+    specs["ckd"] = {"method": "ckd"}
+    return specs
+
+
+# ---------------------------------------------------------------------------------------------------- report
+def training_macs(study: Study, name: str, spec: dict) -> dict[str, float]:
+    """Forward MACs of the student stage (+ the method's extra stages), as the paper's Appendix D.2 counts them."""
+    a, runs = study.a, study.runs
+    student = forward_macs(cnn("cnn2"))
+    teacher = runs["teacher"]["forward_macs"]
+    images = a.n_train * a.epochs
+    stage = student * images
+    extra = 0.0
+    if spec["method"] != "student":
+        source = spec.get("teacher_source", "teacher")
+        stage += (teacher if source == "teacher" else runs[f"ta/{source}"]["forward_macs"]) * images
+    if spec.get("rdms"):
+        rdm = runs["sweep"]["rdm_forward_macs"]
+        stage += spec["rdms"] * rdm * images
+        # RDM stage: one cached teacher pass over the pool + the RDMs' training passes
+        extra += teacher * a.n_teacher + spec["rdms"] * rdm * a.n_teacher * a.rdm_epochs
+    if spec.get("indistill"):
+        warm = sum(spec["indistill_durations"])
+        stage += teacher * a.n_train * warm  # the warm-up runs the teacher live (its features are not cached)
+    if spec.get("teacher_source") == "cnn4" or spec.get("dgkd"):
+        for ta, up in (("cnn8", teacher), ("cnn6", runs["ta/cnn8"]["forward_macs"]), ("cnn4", runs["ta/cnn6"]["forward_macs"])):
+            extra += (runs[f"ta/{ta}"]["forward_macs"] + up) * a.n_train * a.ta_epochs
+    if spec.get("dgkd"):
+        stage += sum(runs[f"ta/{t}"]["forward_macs"] for t in ("cnn8", "cnn6", "cnn4")) * images
+    return {"student_stage": stage, "extra_stages": extra, "total": stage + extra}
+
+
+def report(study: Study, specs: dict[str, dict]) -> dict:
+    a, runs = study.a, study.runs
+    out: dict[str, Any] = {
+        "command": "make study  (= python scripts/study_fmnist.py --budget %s)" % a.budget,
+        "budget": {k: getattr(a, k) for k in BUDGETS["default"]},
+        "protocol": (__doc__ or "").split("Protocol")[1].strip() if __doc__ and "Protocol" in __doc__ else "",
+        "data": {"validation": a.n_val, "teacher_pool": a.n_teacher, "student_train": a.n_train,
+                 "test": min(a.test_max, 10000), "source": "Fashion-MNIST (Debian dataset-fashion-mnist)"},
+        "teacher": runs["teacher"] if "teacher" in runs else None,
+        "teacher_cache": runs["cache/teacher"] if "cache/teacher" in runs else None,
+        "pilot": [runs[k] for k in runs.rows if k.startswith("pilot/")],
+        "rate_sweep": runs["sweep"] if "sweep" in runs else None,
+        "teacher_assistants": {k.split("/")[1]: runs[k] for k in runs.rows if k.startswith("ta/")},
+        "methods": {},
+    }
+    if out["rate_sweep"]:
+        out["chosen_rates"] = {n: study.chosen_rates(n) for n in (1, 3, 5)}
+    base = None
+    for name, spec in specs.items():
+        seeds = [runs[f"final/{name}/seed={s}"] for s in range(a.seeds) if f"final/{name}/seed={s}" in runs]
+        if not seeds:
+            continue
+        accs = [r["test_accuracy"] for r in seeds]
+        macs = training_macs(study, name, spec)
+        tune = runs[f"tune/{name}"]
+        row = {"test_accuracy_per_seed": accs, "test_accuracy_mean": round(statistics.mean(accs), 2),
+               "test_accuracy_std": round(statistics.stdev(accs), 2) if len(accs) > 1 else 0.0,
+               "seeds": [r["seed"] for r in seeds], "chosen_hyperparameters": tune["chosen"],
+               "validation_accuracy_of_chosen": tune["val_accuracy"], "trial_budget": tune["trial_budget"],
+               "trials": tune["trials"], "tuning_seconds": tune["seconds"],
+               "seconds_per_run": round(statistics.mean(r["seconds"] for r in seeds), 1),
+               "teacher_calls_per_run": int(statistics.mean(r["teacher_calls"] for r in seeds)),
+               "training_macs": macs}
+        if spec.get("rdms"):
+            row["rdm_rates"] = study.chosen_rates(spec["rdms"])
+        out["methods"][name] = row
+        if name == "kd":
+            base = macs["total"]
+    if base:
+        for row in out["methods"].values():
+            row["training_macs_vs_kd"] = round(row["training_macs"]["total"] / base, 3)
+    with open(os.path.join(a.results_dir, "results.json"), "w") as f:
+        json.dump(out, f, indent=2)
+    table = format_table(out)
+    with open(os.path.join(a.results_dir, "table.md"), "w") as f:
+        f.write(table + "\n")
+    plot(out, a.results_dir)
+    print(table)
+    return out
+
+
+def format_table(out: dict) -> str:
+    t = out.get("teacher") or {}
+    lines = ["| method | test accuracy (%) mean ± std | per seed | val. acc. of chosen (%) | training MACs (x KD) | "
+             "seconds / run | teacher calls / run |", "|---|---|---|---|---|---|---|"]
+    if t:
+        lines.append(f"| teacher (cnn10, {out['data']['teacher_pool']} images) | {t['test_accuracy']:.2f} | - | "
+                     f"{t['val_accuracy']:.2f} | - | {t['seconds']} | - |")
+    for name, r in out["methods"].items():
+        rates = f" (R = {', '.join(f'{x:g}' for x in r['rdm_rates'])})" if "rdm_rates" in r else ""
+        lines.append(f"| {name}{rates} | {r['test_accuracy_mean']:.2f} ± {r['test_accuracy_std']:.2f} | "
+                     f"{', '.join(f'{x:.2f}' for x in r['test_accuracy_per_seed'])} | "
+                     f"{r['validation_accuracy_of_chosen'] if r['validation_accuracy_of_chosen'] is None else round(r['validation_accuracy_of_chosen'], 2)} | "
+                     f"{r['training_macs']['total'] / 1e12:.3f} T ({r.get('training_macs_vs_kd', float('nan')):.2f}x) | "
+                     f"{r['seconds_per_run']} | {r['teacher_calls_per_run']} |")
+    return "\n".join(lines)
+
+
+def plot(out: dict, results_dir: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sweep = out.get("rate_sweep")
+    if sweep:
+        rows = sorted(sweep["metrics"], key=lambda m: m["rate_weight"])
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
+        ax1.semilogx([m["rate_weight"] for m in rows], [m["accuracy"] for m in rows], "o-", label="RDM")
+        ax2.plot([m["rate_bits"] for m in rows], [m["accuracy"] for m in rows], "o-", label="RDM")
+        for ax in (ax1, ax2):
+            ax.axhline(sweep["teacher_val_accuracy"], color="gray", ls="--", label="teacher")
+            pilot = [p for p in out["pilot"] if p["method"] == "student" and p["n_train"] == out["data"]["student_train"]]
+            if pilot:
+                ax.axhline(pilot[0]["val_accuracy"], color="tab:red", ls=":", label="student (pilot)")
+            ax.set_ylabel("validation accuracy (%)")
+        ax1.set_xlabel("rate weight R")
+        ax2.set_xlabel("rate (bits / image)")
+        for r in out.get("chosen_rates", {}).get(5, []):
+            ax1.axvline(r, color="tab:green", alpha=0.3)
+        ax1.legend(fontsize=7)
+        fig.suptitle("Fashion-MNIST: RDM accuracy vs rate (cnn10 teacher embedding)")
+        fig.tight_layout()
+        fig.savefig(os.path.join(results_dir, "rd_curve.png"), dpi=110)
+        plt.close(fig)
+    if out["methods"]:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, r in out["methods"].items():
+            x = r["training_macs"]["total"] / 1e12
+            ax.errorbar(x, r["test_accuracy_mean"], yerr=r["test_accuracy_std"], fmt="o", capsize=3)
+            ax.annotate(name, (x, r["test_accuracy_mean"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel("training cost (forward TMACs, paper App. D.2 convention)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title("Fashion-MNIST, cnn10 -> cnn2: accuracy vs training cost")
+        fig.tight_layout()
+        fig.savefig(os.path.join(results_dir, "accuracy_vs_cost.png"), dpi=110)
+        plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------- main
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--budget", choices=sorted(BUDGETS), default="default")
+    p.add_argument("--results_dir", default="results/fmnist")
+    p.add_argument("--work_dir", default="outputs/study_fmnist")
+    p.add_argument("--methods", default=None, help="comma-separated subset of the study's methods (default: all)")
+    p.add_argument("--report_only", action="store_true")
+    for k, v in BUDGETS["default"].items():
+        p.add_argument(f"--{k}", type=type(v) if not isinstance(v, list) else int, nargs="+" if isinstance(v, list) else None,
+                       default=None)
+    a = p.parse_args(argv)
+    for k, v in BUDGETS[a.budget].items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
+    return a
+
+
+def main(argv=None):
+    a = parse(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    logging.getLogger("optuna").setLevel(logging.WARNING)
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    from hf_cifd.config import CLASSIFICATION_METHODS
+
+    specs = method_specs(set(CLASSIFICATION_METHODS))
+    if a.methods:
+        wanted = [m.strip() for m in a.methods.split(",")]
+        unknown = set(wanted) - set(specs)
+        if unknown:
+            sys.exit(f"unknown methods {sorted(unknown)}; the study has {sorted(specs)}")
+        specs = {k: v for k, v in specs.items() if k in wanted}
+    study = Study(a)
+    if not a.report_only:
+        t0 = time.perf_counter()
+        study.teacher()
+        study.cache()
+        study.pilot()
+        study.rate_sweep()
+        for name, spec in specs.items():
+            study.tune(name, spec)
+            for seed in range(a.seeds):
+                study.final(name, spec, seed)
+            logger.info("%s done (%.0f s since start)", name, time.perf_counter() - t0)
+    report(study, specs)
+
+
+if __name__ == "__main__":
+    main()
