@@ -120,3 +120,4 @@ def test_default_space_lists_each_methods_knobs_and_keeps_its_ranges_fixed(tmp_p
     assert (dist["rdm_rate_0"].low, dist["rdm_rate_0"].high) == pytest.approx((1.0, 100.0))
     student_space = default_hp_space(_args(tmp_path, "student"))
     assert set(student_space(optuna.create_study().ask())) == {"learning_rate"}
+
