@@ -11,14 +11,15 @@ temperature, the learning rate, KD dropout and all lambdas, selected on data hel
   learning_rate                   lr/10 .. lr*10 (log; lr as given)    all
   temperature                     1 .. 8                               every method with a teacher KL (kd, cifd, ...)
   lambda_ce, lambda_kl            0.1 .. 2, 0.1 .. 10 (log)            same
-  kd_dropout                      0 .. 0.5                             cifd, dgkd
+  kd_dropout                      0 .. 0.5                             cifd
+  dgkd_drop_num                   0 .. 2 (int)                         dgkd
   embedding_weight                0.1 .. 100 (log)                     cifd, fitnet
   lambda_ibm                      1e-4 .. 0.1 (log)                    cifd with use_ibm
   rdm_weights[n]                  0.1 .. 2 (log), one per RDM          cifd
   rdm_rates[n]                    R_n/10 .. R_n*10 (log)               cifd, only when ``rdms`` is a callable
                                                                        (each trial trains its RDMs)
   rkd_*_weight, ckd_weight,       1 .. 100, 0.1 .. 10 (log)            rkd, ckd / ckd_addon, indistill
-  indistill_weight
+  indistill_weight, pkt_weight    0.1 .. 10, 1e3 .. 1e5 (log)          pkt
   ==============================  ===================================  =======================================
 
 * the pruner defaults to Optuna's ``SuccessiveHalvingPruner`` (asynchronous successive halving: the ASHA the paper
@@ -54,15 +55,16 @@ RANGES: dict[str, tuple[float, float, bool]] = {
     "rkd_distance_weight": (1.0, 100.0, True),
     "rkd_angle_weight": (1.0, 100.0, True),
     "ckd_weight": (0.1, 10.0, True),
-    "pkt_weight": (0.1, 100.0, True),
+    "pkt_weight": (1e3, 1e5, True),
     "indistill_weight": (0.1, 10.0, True),
 }
 _KL = ("temperature", "lambda_ce", "lambda_kl")
+INT_RANGES: dict[str, tuple[int, int]] = {"dgkd_drop_num": (0, 2)}  # DGKD: teacher/assistant terms dropped per step
 METHOD_KNOBS: dict[str, tuple[str, ...]] = {
     "student": (),
     "kd": _KL,
     "takd": _KL,
-    "dgkd": (*_KL, "kd_dropout"),
+    "dgkd": (*_KL, "dgkd_drop_num"),
     "cifd": (*_KL, "kd_dropout", "embedding_weight"),
     "fitnet": ("lambda_ce", "embedding_weight"),
     "rkd": ("lambda_ce", "rkd_distance_weight", "rkd_angle_weight"),
@@ -100,6 +102,9 @@ def default_hp_space(config, *, tune_rdm_rates: bool = False, lr_factor: float =
         params: dict[str, Any] = {"learning_rate": trial.suggest_float("learning_rate", lr0 / lr_factor,
                                                                        lr0 * lr_factor, log=True)}
         for name in knobs:
+            if name in INT_RANGES:
+                params[name] = trial.suggest_int(name, *INT_RANGES[name])
+                continue
             low, high, log = table[name]
             params[name] = trial.suggest_float(name, low, high, log=log)
         if n_rdms:
