@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench bench-data clean
+.PHONY: demo test bench bench-data study clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -17,6 +17,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests $(ARGS)
+
+# The Fashion-MNIST Table-1 study (resumable; results/fmnist/). Debian's package holds the data offline; without it
+# (or without root) the loader reads zalando-datasets/fashion_mnist from the Hub.
+study: $(STAMP)
+	test -d /usr/share/datasets/fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) \
+		|| echo "dataset-fashion-mnist not installed: reading zalando-datasets/fashion_mnist from the Hub"
+	$(PY) scripts/study_fmnist.py $(ARGS)
 
 bench: $(STAMP)
 	mkdir -p outputs

@@ -47,7 +47,7 @@ import torch
 
 BUDGETS: dict[str, dict[str, Any]] = {
     # sized for the 2-core machine shared with 5 other jobs (load ~12: this job gets ~1/6 of a core): ~8 CPU-minutes
-    "default": dict(n_train=500, n_teacher=3000, n_val=500, test_max=2000, teacher_epochs=2, epochs=4,
+    "default": dict(n_train=500, n_teacher=3000, n_val=500, test_max=2000, teacher_epochs=5, epochs=4,
                     ta_epochs=3, rdm_epochs=5, trials=3, seeds=3, pilot_sizes=[250, 500]),
     "smoke": dict(n_train=300, n_teacher=600, n_val=200, test_max=500, teacher_epochs=1, epochs=2, ta_epochs=1,
                   rdm_epochs=2, trials=2, seeds=2, pilot_sizes=[300]),
@@ -199,7 +199,7 @@ class Study:
             t0 = time.perf_counter()
             torch.manual_seed(0)
             model = cnn("cnn10")
-            trainer = DistillationTrainer(model=model, args=config(path, "student", 0, self.a.teacher_epochs, learning_rate=1e-3),
+            trainer = DistillationTrainer(model=model, args=config(path, "student", 0, self.a.teacher_epochs, learning_rate=2e-3),
                                           train_dataset=d["pool"])
             trainer.train()
             model.save_pretrained(path)
