@@ -115,9 +115,18 @@ def forward_macs(model: torch.nn.Module, shape=(1, 1, 28, 28)) -> int:
 
 # ---------------------------------------------------------------------------------------------------- models, data
 def cnn(name: str):
+    """A Table 8 CNN; the deep ones (teacher, assistants) with He initialisation, the usual one for plain VGG-style
+    ReLU stacks: with PyTorch's default init the 10-layer CNN reached only 43% / 60% test accuracy after 2 / 5 epochs
+    on 3,000 images (measured), below the 2-layer student."""
     from hf_cifd.models import TABLE8, SimpleCNN
 
-    return SimpleCNN(TABLE8[name], num_classes=10, in_channels=1, input_size=28)
+    model = SimpleCNN(TABLE8[name], num_classes=10, in_channels=1, input_size=28)
+    if name != "cnn2":
+        for m in model.modules():
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+                torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                torch.nn.init.zeros_(m.bias)
+    return model
 
 
 def rdm_for(rate: float, embed_dim: int = 512):
