@@ -282,7 +282,7 @@ class Study:
             best = trainer.hyperparameter_search(n_trials=self.a.trials, storage=self.hpo_db, study_name=name,
                                                  hp_space=space)
             params = config_overrides(best.hyperparameters)
-            objective = float(best.objective)
+            objective = 100.0 * float(best.objective)  # eval_accuracy is a fraction
         else:
             params, objective = {}, None
         study = optuna.load_study(study_name=name, storage=storage_url(self.hpo_db)) if self.a.trials > 0 else None
