@@ -555,7 +555,8 @@ def parse(argv=None):
     p.add_argument("--budget", choices=sorted(BUDGETS), default="default")
     p.add_argument("--results_dir", default="results/fmnist")
     p.add_argument("--work_dir", default="outputs/study_fmnist")
-    p.add_argument("--methods", default=None, help="comma-separated subset of the study's methods (default: all)")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated subset of the study's methods, run in this order (default: all)")
     p.add_argument("--report_only", action="store_true")
     for k, v in BUDGETS["default"].items():
         p.add_argument(f"--{k}", type=type(v) if not isinstance(v, list) else int, nargs="+" if isinstance(v, list) else None,
@@ -583,7 +584,7 @@ def main(argv=None):
         unknown = set(wanted) - set(specs)
         if unknown:
             sys.exit(f"unknown methods {sorted(unknown)}; the study has {sorted(specs)}")
-        specs = {k: v for k, v in specs.items() if k in wanted}
+        specs = {k: specs[k] for k in wanted}  # in the order given: two processes can share a study from both ends
     study = Study(a)
     if not a.report_only:
         t0 = time.perf_counter()
@@ -592,6 +593,7 @@ def main(argv=None):
         study.pilot()
         study.rate_sweep()
         for name, spec in specs.items():
+            study.runs = Runs(study.runs.path)  # another process may have finished runs meanwhile
             try:
                 study.tune(name, spec)
                 for seed in range(a.seeds):
