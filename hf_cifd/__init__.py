@@ -34,8 +34,8 @@ _EXPORTS = {
     "cache_teacher_outputs": "hf_cifd.data",
     "TeacherCache": "hf_cifd.data",
     "load_image_dataset": "hf_cifd.data",
-    "evaluate_clip": "hf_cifd.clip_eval",
-    "CLIPEvaluator": "hf_cifd.clip_eval",
+    "evaluate_clip": "hf_cifd.eval.clip",
+    "CLIPEvaluator": "hf_cifd.eval.clip",
     "train_validation_split": "hf_cifd.hpo",
     "default_hp_space": "hf_cifd.hpo",
 }

@@ -128,7 +128,7 @@ def _eval(sub):
 
     def run(args):
         from .adapters.open_clip import create_openclip
-        from .clip_eval import evaluate_clip
+        from .eval.clip import evaluate_clip
 
         if not (args.zeroshot or args.retrieval):
             raise SystemExit("hf-cifd eval: give --zeroshot and/or --retrieval.")

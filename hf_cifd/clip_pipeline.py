@@ -121,7 +121,7 @@ def run_clip(args: CLIPRecipeArguments, config: DistillationConfig) -> dict[str,
     """Runs the CLIP recipe; the main process writes and returns ``<output_dir>/eval_results.json``."""
     from .adapters import OpenCLIPAdapter
     from .adapters.open_clip import create_openclip
-    from .clip_eval import CLIPEvaluator
+    from .eval.clip import CLIPEvaluator
     from .data.collate import collate
     from .hub import model_hub_id
     from .trainer import DistillationTrainer

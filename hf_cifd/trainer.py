@@ -227,7 +227,7 @@ class DistillationTrainer(StreamTrackingMixin, Trainer):
                         "(un-augmented with hf-cifd cache-teacher), not the student's augmented view",
                         getattr(self.teacher_cache, "path", ""))
         data_collator = self._checked_collator(data_collator, model)
-        # A callable(student) -> {metric: value} run by evaluate(), e.g. hf_cifd.clip_eval.CLIPEvaluator (CLIP).
+        # A callable(student) -> {metric: value} run by evaluate(), e.g. hf_cifd.eval.clip.CLIPEvaluator (CLIP).
         self.evaluator = evaluator
         if compute_metrics is None and self.student_adapter.task == "classification":
             compute_metrics = accuracy_metrics

@@ -109,7 +109,7 @@ def _dataset(shards, teacher, student):
 
 def test_teacher_and_student_with_different_preprocessing_train_together(models, shards, tmp_path):
     from hf_cifd import DistillationConfig, DistillationTrainer, RateDistortionModule
-    from hf_cifd.clip_eval import CLIPEvaluator
+    from hf_cifd.eval.clip import CLIPEvaluator
     from hf_cifd.data.collate import collate
 
     teacher, student = models

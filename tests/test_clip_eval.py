@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from hf_cifd.checks import DistillationInputError
-from hf_cifd.clip_eval import CLIPEvaluator, evaluate_clip
+from hf_cifd.eval.clip import CLIPEvaluator, evaluate_clip
 
 # Image i is a 1x1 image whose red value is i; its embedding is IMG[i]. Text embeddings are looked up by string.
 IMG = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.2]])
@@ -128,3 +128,29 @@ def test_shapes_webdataset_files_and_classnames(tmp_path):
     for r in rows[:5]:
         caps = r["txt"].split("\n")
         assert len(caps) == 2 and all(names[int(r["cls"])] in c for c in caps)
+
+
+def test_evaluator_streams_images_in_batches_and_keeps_none():
+    class Recording(FakeCLIP):
+        def __init__(self):
+            super().__init__()
+            self.image_batches = []
+
+        def encode_image(self, x):
+            self.image_batches.append(x.shape[0])
+            return super().encode_image(x)
+
+    zs = [{"image": image(i % 4), "label": i % 3} for i in range(10)]
+    rt = [{"image": image(i % 4), "text": f"c{i % 4}"} for i in range(7)]
+    ev = CLIPEvaluator(preprocess, tokenizer, zs, rt, classnames=["cat", "dog", "bird"], templates=["{c}"],
+                       batch_size=4)
+    # No decoded image is kept between evaluations: only labels, captions and keys.
+    assert not any(isinstance(v, torch.Tensor) and v.dtype.is_floating_point for v in vars(ev).values())
+    model = Recording()
+    first = ev(model)
+    assert model.image_batches == [4, 4, 2, 4, 3]  # 10 zero-shot then 7 retrieval images, 4 at a time
+    assert ev(model) == first  # a second pass re-reads the same samples
+    shuffled = CLIPEvaluator(preprocess, tokenizer, zs, classnames=["cat", "dog", "bird"], templates=["{c}"])
+    zs.reverse()  # the dataset now yields another order than the evaluator read
+    with pytest.raises(DistillationInputError, match="same order"):
+        shuffled(FakeCLIP())

@@ -24,16 +24,11 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
-from .adapters.open_clip import decode_image
-from .checks import DistillationInputError
-from .eval import (
-    encode_in_batches,
-    flatten_captions,
-    load_classnames_and_templates,
-    retrieval_recall,
-    zero_shot_accuracy,
-    zero_shot_classifier,
-)
+from ..adapters.open_clip import decode_image
+from ..checks import DistillationInputError
+from .classification import zero_shot_accuracy
+from .retrieval import flatten_captions, retrieval_recall
+from .zero_shot import encode_in_batches, load_classnames_and_templates, zero_shot_classifier
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +72,11 @@ def _captions(value) -> list[str]:
 
 class CLIPEvaluator:
     """Callable ``evaluator(model) -> {"zeroshot_top1", "zeroshot_top5", "image_retrieval_recall@{1,5,10}",
-    "text_retrieval_recall@{1,5,10}", counts...}`` over fixed evaluation data (decoded once, at construction).
+    "text_retrieval_recall@{1,5,10}", counts...}`` over fixed evaluation data.
+
+    Construction reads each dataset once to check it (labels, captions, undecodable images: counted or raised) and
+    keeps only the labels and captions; every evaluation streams the images again in batches of ``batch_size``, so
+    memory holds one batch of images plus the (N, D) embeddings, whatever the dataset size.
 
     Args:
         preprocess: the model's evaluation image transform (PIL -> tensor).
@@ -100,7 +99,8 @@ class CLIPEvaluator:
             raise DistillationInputError("give a zeroshot_dataset and/or a retrieval_dataset to evaluate on.")
         self.preprocess, self.tokenizer, self.batch_size, self.on_bad = preprocess, tokenizer, batch_size, on_bad
         self.counts: dict[str, int] = {}
-        self.zs_images = self.zs_labels = None
+        self.zs_data = self.zs_labels = self.rt_data = None
+        self.max_samples = max_samples
         if zeroshot_dataset is not None:
             source = zeroshot_dataset
             ds = open_eval_dataset(zeroshot_dataset, split)
@@ -126,11 +126,11 @@ class CLIPEvaluator:
                 raise DistillationInputError(
                     f"{len(self.classnames)} class names but the dataset has {num_classes} classes: the class-names "
                     "list does not belong to this dataset.")
-            self.zs_images, self.zs_labels = self._read_zeroshot(ds, max_samples)
-        self.rt_images = self.rt_texts = self.rt_owner = None
+            self.zs_data, self.zs_labels = ds, self._read_zeroshot(ds, max_samples)
+        self.rt_texts = self.rt_owner = None
         if retrieval_dataset is not None:
-            self.rt_images, self.rt_texts, self.rt_owner = self._read_retrieval(
-                open_eval_dataset(retrieval_dataset, split), max_samples)
+            self.rt_data = open_eval_dataset(retrieval_dataset, split)
+            self.rt_texts, self.rt_owner = self._read_retrieval(self.rt_data, max_samples)
 
     # -- reading -------------------------------------------------------------------------------------------------
     def _count(self, name: str, detail: str) -> None:
@@ -150,9 +150,8 @@ class CLIPEvaluator:
             self._count(f"{prefix}_skipped_undecodable", f"undecodable image in sample {sample.get('__key__', '?')}: {e}")
         return None
 
-    def _read_zeroshot(self, ds: Iterable, max_samples):
-        self.counts.setdefault("zeroshot_skipped_undecodable", 0)
-        images, labels = [], []
+    def _zeroshot_samples(self, ds: Iterable, max_samples):
+        """``(image, label)`` per usable sample, in order; labels are checked, bad images counted or raised."""
         for i, sample in enumerate(ds):
             if max_samples is not None and i >= max_samples:
                 break
@@ -163,17 +162,18 @@ class CLIPEvaluator:
                     "names: the class-names file does not match this dataset's labels.")
             image = self._image(sample, "zeroshot")
             if image is not None:
-                images.append(image)
-                labels.append(label)
-        if not images:
-            raise DistillationInputError("no decodable images in the zero-shot dataset.")
-        self.counts["zeroshot_num_images"] = len(images)
-        return torch.stack(images), torch.tensor(labels)
+                yield image, label
 
-    def _read_retrieval(self, ds: Iterable, max_samples):
-        self.counts.setdefault("retrieval_skipped_undecodable", 0)
-        self.counts.setdefault("retrieval_skipped_no_caption", 0)
-        images, captions, keys = [], [], []
+    def _read_zeroshot(self, ds: Iterable, max_samples):
+        self.counts.setdefault("zeroshot_skipped_undecodable", 0)
+        labels = [label for _, label in self._zeroshot_samples(ds, max_samples)]
+        if not labels:
+            raise DistillationInputError("no decodable images in the zero-shot dataset.")
+        self.counts["zeroshot_num_images"] = len(labels)
+        return torch.tensor(labels)
+
+    def _retrieval_samples(self, ds: Iterable, max_samples):
+        """``(image, captions, key)`` per usable sample, in order; bad samples counted or raised."""
         for i, sample in enumerate(ds):
             if max_samples is not None and i >= max_samples:
                 break
@@ -184,15 +184,41 @@ class CLIPEvaluator:
                 continue
             image = self._image(sample, "retrieval")
             if image is not None:
-                images.append(image)
-                captions.append(caps)
-                keys.append(key)
-        if not images:
+                yield image, caps, key
+
+    def _read_retrieval(self, ds: Iterable, max_samples):
+        self.counts.setdefault("retrieval_skipped_undecodable", 0)
+        self.counts.setdefault("retrieval_skipped_no_caption", 0)
+        captions, keys = [], []
+        for _, caps, key in self._retrieval_samples(ds, max_samples):
+            captions.append(caps)
+            keys.append(key)
+        if not captions:
             raise DistillationInputError("no usable (image, captions) samples in the retrieval dataset.")
+        self.rt_keys = keys
         texts, owner = flatten_captions(captions, keys=keys)
-        self.counts["retrieval_num_images"] = len(images)
+        self.counts["retrieval_num_images"] = len(captions)
         self.counts["retrieval_num_texts"] = len(texts)
-        return torch.stack(images), texts, owner
+        return texts, owner
+
+    def _encode_stream(self, samples: Iterable, encode: Callable, expected: list, what: str) -> torch.Tensor:
+        """Embeddings of a stream's images, ``batch_size`` images in memory at a time; the samples' last fields
+        (labels / keys) must be those read at construction."""
+        feats, batch, seen = [], [], []
+        for sample in samples:
+            batch.append(sample[0])
+            seen.append(sample[-1])
+            if len(batch) == self.batch_size:
+                feats.append(encode(torch.stack(batch)))
+                batch = []
+        if batch:
+            feats.append(encode(torch.stack(batch)))
+        if seen != expected:
+            raise DistillationInputError(
+                f"the {what} dataset gave other samples (or another order) than when the evaluator read it: pass a "
+                "dataset that yields the same samples in the same order every time (no shuffling, not a one-shot "
+                "iterator).")
+        return torch.cat(feats)
 
     # -- evaluating ----------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -204,19 +230,23 @@ class CLIPEvaluator:
         enc_img = lambda x: net.encode_image(x.to(device)).float()  # noqa: E731
         enc_txt = lambda t: net.encode_text(torch.as_tensor(t).to(device)).float()  # noqa: E731
         out: dict[str, float] = {}
+        counts = dict(self.counts)  # the construction pass counted the bad samples; the re-reads skip them again
         try:
-            if self.zs_images is not None:
+            if self.zs_data is not None:
                 clf = zero_shot_classifier(enc_txt, self.tokenizer, self.classnames, self.templates,
                                            batch_size=self.batch_size, device=device)
-                img = encode_in_batches(enc_img, self.zs_images, self.batch_size)
+                img = self._encode_stream(self._zeroshot_samples(self.zs_data, self.max_samples), enc_img,
+                                          self.zs_labels.tolist(), "zero-shot")
                 out.update(zero_shot_accuracy(img, clf, self.zs_labels, topk=(1, 5), num_classes=len(self.classnames)))
                 out["zeroshot_chance_top1"] = 100.0 / len(self.classnames)
-            if self.rt_images is not None:
-                img = encode_in_batches(enc_img, self.rt_images, self.batch_size)
+            if self.rt_data is not None:
+                img = self._encode_stream(self._retrieval_samples(self.rt_data, self.max_samples), enc_img,
+                                          self.rt_keys, "retrieval")
                 txt = encode_in_batches(lambda t: enc_txt(self.tokenizer(list(t))), self.rt_texts, self.batch_size)
                 out.update(retrieval_recall(img, txt, self.rt_owner, ks=(1, 5, 10)))
         finally:
             net.train(was_training)
+            self.counts = counts
         out.update({k: float(v) for k, v in self.counts.items()})
         return out
 
