@@ -23,6 +23,7 @@ _EXPORTS = {
     "train_rdms": "hf_cifd.rdm_training",
     "train_assistants": "hf_cifd.assistants",
     "table8_assistants": "hf_cifd.assistants",
+    "train_auxiliary_teacher": "hf_cifd.assistants",
     "adapter_for": "hf_cifd.adapters",
     "DistillationInputError": "hf_cifd.checks",
     "NonFiniteLossError": "hf_cifd.checks",

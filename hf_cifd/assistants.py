@@ -145,3 +145,18 @@ def train_assistants(
                                             train_samples=samples, steps=steps, output_dir=stage_args.output_dir))
         assistant.eval().requires_grad_(False)
     return report
+
+
+def train_auxiliary_teacher(aux: nn.Module, teacher: nn.Module, args, train_dataset, **trainer_kwargs) -> nn.Module:
+    """Distils ``teacher`` into the auxiliary teacher ``aux`` (a wider model of the student's family) with a plain
+    :class:`~hf_cifd.DistillationTrainer` run configured by ``args`` (e.g. ``method="kd"``, no InDistill), and returns
+    ``aux`` (trained, in eval mode). Use it as the warm-up teacher: ``DistillationTrainer(student, teacher,
+    args=..., indistill_teacher=aux)``; its layers' channels are then selected to the student's widths."""
+    from .trainer import DistillationTrainer
+
+    if getattr(args, "indistill_layers", None):
+        raise DistillationInputError("train_auxiliary_teacher runs plain distillation: unset indistill_layers in its args.")
+    trainer = DistillationTrainer(aux, teacher, args=args, train_dataset=train_dataset, **trainer_kwargs)
+    trainer.train()
+    trainer.accelerator.wait_for_everyone()
+    return trainer.accelerator.unwrap_model(trainer.model).student.eval()

@@ -117,7 +117,7 @@ class DistillationTrainer(StreamTrackingMixin, Trainer):
         teacher_cache: a ``hf_cifd.data.TeacherCache`` (or its directory); batches are joined with it by
             ``sample_key`` and the teacher never runs.
         indistill_teacher: (keyword) an auxiliary teacher for the InDistill warm-up (``args.indistill_layers``),
-            e.g. trained by :func:`hf_cifd.methods.indistill.train_auxiliary_teacher`; default: the teacher.
+            e.g. trained by :func:`hf_cifd.assistants.train_auxiliary_teacher`; default: the teacher.
         assistants: (keyword) trained teacher assistants, largest first (see :func:`hf_cifd.assistants.train_assistants`).
             Method ``takd`` distils from the last one (the teacher is then not needed); ``dgkd`` runs the teacher and
             every assistant on each batch. Their forward passes are logged as ``assistant_calls``.

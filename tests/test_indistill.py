@@ -274,7 +274,7 @@ def test_open_clip_vit_blocks_select_residual_channels_and_resize_tokens():
 
 
 def test_auxiliary_teacher_is_the_warmup_teacher_and_eval_during_warmup_works(tmp_path):
-    from hf_cifd.methods.indistill import train_auxiliary_teacher
+    from hf_cifd.assistants import train_auxiliary_teacher
 
     teacher, aux, student = TinyCNN(w0=12, seed=1), TinyCNN(w0=10, seed=5), TinyCNN(w0=8, seed=2)
     aux_before = aux.conv1.weight.detach().clone()

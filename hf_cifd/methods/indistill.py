@@ -511,26 +511,6 @@ def _zero_touch(output: Any) -> torch.Tensor:
     return sum(t.float().sum() for t in tensors) * 0.0
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# auxiliary teacher
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def train_auxiliary_teacher(aux: nn.Module, teacher: nn.Module, args, train_dataset, **trainer_kwargs) -> nn.Module:
-    """Distils ``teacher`` into the auxiliary teacher ``aux`` (a wider model of the student's family) with a plain
-    :class:`~hf_cifd.DistillationTrainer` run configured by ``args`` (e.g. ``method="kd"``, no InDistill), and returns
-    ``aux`` (trained, in eval mode). Use it as the warm-up teacher: ``DistillationTrainer(student, teacher,
-    args=..., indistill_teacher=aux)``; its layers' channels are then selected to the student's widths."""
-    from ..trainer import DistillationTrainer
-
-    if getattr(args, "indistill_layers", None):
-        raise DistillationInputError("train_auxiliary_teacher runs plain distillation: unset indistill_layers in its args.")
-    trainer = DistillationTrainer(aux, teacher, args=args, train_dataset=train_dataset, **trainer_kwargs)
-    trainer.train()
-    trainer.accelerator.wait_for_everyone()
-    return trainer.accelerator.unwrap_model(trainer.model).student.eval()
-
-
 def demo_indistill_layers(kind: str = "digits") -> list[str]:
     """Default layer pairs for the demo's ``indistill+<method>`` entries: ``digits`` (the demo's SimpleCNN teacher
     -> student: the post-ReLU map of the first conv, 32 -> 4 channels by L1 selection), ``resnet`` (timm ResNet
