@@ -448,6 +448,10 @@ def report(study: Study, specs: dict[str, dict]) -> dict:
         "data": {"validation": a.n_val, "teacher_pool": a.n_teacher, "student_train": a.n_train,
                  "test": min(a.test_max, 10000), "source": "Fashion-MNIST (Debian dataset-fashion-mnist)"},
         "teacher": runs["teacher"] if "teacher" in runs else None,
+        "teacher_attempts": ("With PyTorch's default initialisation the 10-layer CNN reached 42.65% test accuracy after "
+                             "2 epochs at lr 1e-3 and 60.5% after 5 epochs at lr 2e-3 (3,000 images): below the 2-layer "
+                             "student. He initialisation (kaiming_normal, the VGG convention) gave the teacher used here."),
+        "methods_not_run": [m for m in specs if not any(k.startswith(f"final/{m}/") for k in runs.rows)],
         "teacher_cache": runs["cache/teacher"] if "cache/teacher" in runs else None,
         "pilot": [runs[k] for k in runs.rows if k.startswith("pilot/")],
         "rate_sweep": runs["sweep"] if "sweep" in runs else None,
@@ -463,7 +467,9 @@ def report(study: Study, specs: dict[str, dict]) -> dict:
             continue
         accs = [r["test_accuracy"] for r in seeds]
         macs = training_macs(study, name, spec)
-        tune = runs[f"tune/{name}"]
+        tune = dict(runs[f"tune/{name}"])
+        if tune["val_accuracy"] is not None and tune["val_accuracy"] <= 1.0:  # recorded as a fraction by an older run
+            tune["val_accuracy"] *= 100.0
         row = {"test_accuracy_per_seed": accs, "test_accuracy_mean": round(statistics.mean(accs), 2),
                "test_accuracy_std": round(statistics.stdev(accs), 2) if len(accs) > 1 else 0.0,
                "seeds": [r["seed"] for r in seeds], "chosen_hyperparameters": tune["chosen"],
