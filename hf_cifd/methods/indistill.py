@@ -26,7 +26,7 @@ A stage that runs *before* the main distillation method inside the same ``Distil
   bilinear interpolation of the patch grid, keeping the prefix (CLS) tokens when both models have the same
   number, else by linear interpolation along the token axis.
 * Auxiliary teacher (extreme gaps): distil a wider model of the student's family from the teacher first with
-  :func:`train_auxiliary_teacher`, then pass it as ``DistillationTrainer(..., indistill_teacher=aux)``: the warm-up
+  :func:`hf_cifd.assistants.train_auxiliary_teacher`, then pass it as ``DistillationTrainer(..., indistill_teacher=aux)``: the warm-up
   reads the auxiliary teacher's features, the main stage uses the main teacher.
 """
 
