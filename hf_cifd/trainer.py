@@ -241,12 +241,13 @@ class DistillationTrainer(StreamTrackingMixin, Trainer):
                          data_collator=data_collator, compute_metrics=compute_metrics, callbacks=callbacks, **kwargs)
         if self.is_deepspeed_enabled:
             _fill_deepspeed_sizes(self.accelerator.state.deepspeed_plugin.hf_ds_config, max(student_dims.values()))
+            self.student_adapter.prepare_for_deepspeed(self.model.student)
             if self.accelerator.state.deepspeed_plugin.zero_stage == 3:
                 from deepspeed.utils import set_z3_leaf_modules
 
-                # The entropy model reads compressai's ParameterLists without calling them: ZeRO-3 gathers the
-                # whole bottleneck when it runs.
-                set_z3_leaf_modules(container, [EntropyBottleneck1d])
+                # The entropy model reads compressai's ParameterLists without calling them, and torch's
+                # MultiheadAttention reads its out_proj's weight without calling it: ZeRO-3 gathers them whole.
+                set_z3_leaf_modules(container, list(_Z3_LEAVES), raise_if_not_found=False)
 
         self.model_init = model_init
         self.teacher = self._prepare_teacher(teacher) if teacher is not None and self.method.uses_teacher else None
@@ -473,6 +474,11 @@ class DistillationTrainer(StreamTrackingMixin, Trainer):
             config["zero_optimization"] = zero
             config["bf16"] = {"enabled": dtype == torch.bfloat16}
             config["fp16"] = {"enabled": dtype == torch.float16}
+            adapter_for(teacher).prepare_for_deepspeed(teacher)
+            if zero["stage"] == 3:
+                from deepspeed.utils import set_z3_leaf_modules
+
+                set_z3_leaf_modules(teacher, list(_Z3_LEAVES), raise_if_not_found=False)
             engine, *_ = deepspeed.initialize(model=teacher, config=config)
             return engine.module.eval()
         if dtype != torch.float32:
@@ -962,6 +968,9 @@ class _NonFiniteGuard(TrainerCallback):
             optimizer.zero_grad(set_to_none=True)  # no gradient: SGD and Adam leave those parameters unchanged
             self.skipped += 1
         self.pending = False
+
+
+_Z3_LEAVES = (EntropyBottleneck1d, nn.MultiheadAttention)  # modules ZeRO-3 must gather whole (see __init__)
 
 
 def _fill_deepspeed_sizes(ds_config, hidden_size: int) -> None:

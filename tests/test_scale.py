@@ -194,3 +194,41 @@ def test_cifd_under_deepspeed_zero_two_processes(tmp_path, stage):
     assert check.returncode == 0, check.stderr[-3000:]
     torch.testing.assert_close(torch.tensor(json.loads(check.stdout.strip().splitlines()[-1])),
                                torch.tensor(result["outputs"]), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_cifd_clip_under_deepspeed_zero_two_processes(tmp_path, stage):
+    """CIFD on a tiny open_clip pair under the shipped zero<stage>.json, 2 CPU processes: open_clip's 0-dim
+    logit_scale is held as shape (1,) for DeepSpeed and exported as (); losses are finite and decrease, and the
+    exported student loads with plain open_clip and reproduces the trained student's features and scale."""
+    import json
+
+    out = tmp_path / "run"
+    ds_json = os.path.join(ROOT, "recipes", "configs", "deepspeed", f"zero{stage}.json")
+    res = subprocess.run([*TORCHRUN, os.path.join(SCRIPTS, "zero_run.py"), ds_json, str(out), "clip"],
+                         capture_output=True, text=True, timeout=600, env=_env(DS_ACCELERATOR="cpu"), cwd=str(tmp_path))
+    assert res.returncode == 0, res.stderr[-5000:]
+    result = json.loads((out / "clip" / "result.json").read_text())
+    assert result["num_processes"] == 2 and result["zero_stage"] == stage
+    losses = result["losses"]
+    assert len(losses) == 4 and all(math.isfinite(v) for v in losses) and losses[-1] < losses[0], losses
+    assert (out / "clip" / "checkpoint-2").is_dir() and result["resumed_steps"] == 4
+    check = subprocess.run(
+        [os.sys.executable, "-c",
+         "import sys, json, torch, open_clip\n"
+         f"m, _, _ = open_clip.create_model_and_transforms('local-dir:{out / 'clip'}')\n"
+         f"tok = open_clip.get_tokenizer('local-dir:{out / 'clip'}')\n"
+         "assert not any(k.startswith('hf_cifd') for k in sys.modules)\n"
+         "assert m.logit_scale.shape == torch.Size([]), m.logit_scale.shape\n"
+         "m.eval()\n"
+         "x = torch.randn(2, 3, 24, 24, generator=torch.Generator().manual_seed(1))\n"
+         "ids = tok(['a red circle', 'a small blue square'])\n"
+         "with torch.no_grad():\n"
+         "    print(json.dumps({'image': m.encode_image(x).tolist(), 'text': m.encode_text(ids).tolist(),\n"
+         "                      'logit_scale': [m.logit_scale.exp().item()]}))"],
+        capture_output=True, text=True, timeout=120, env=_env(), cwd=str(tmp_path))
+    assert check.returncode == 0, check.stderr[-3000:]
+    loaded = json.loads(check.stdout.strip().splitlines()[-1])
+    for key in ("image", "text", "logit_scale"):
+        torch.testing.assert_close(torch.tensor(loaded[key]), torch.tensor(result["outputs"][key]), rtol=1e-5, atol=1e-6)

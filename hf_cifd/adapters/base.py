@@ -25,6 +25,8 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
+from ..checks import DistillationInputError
+
 
 @dataclass
 class Encoded:
@@ -78,6 +80,16 @@ class ModelAdapter:
     def save(self, model: nn.Module, output_dir: str) -> None:
         """Writes the model in its own library's format (loadable without hf_cifd)."""
         raise NotImplementedError
+
+    def prepare_for_deepspeed(self, model: nn.Module) -> None:
+        """Makes ``model`` acceptable to a DeepSpeed engine, in place. DeepSpeed 0.19 cannot hold 0-dim parameters;
+        adapters whose library only uses them in broadcasting operations hold them as shape (1,) (and restore shape
+        () on export); here they are refused by name."""
+        scalars = [n for n, p in model.named_parameters() if p.dim() == 0]
+        if scalars:
+            raise DistillationInputError(
+                f"DeepSpeed cannot train a model with 0-dim parameters ({', '.join(scalars)} of {type(model).__name__}):"
+                " reshape them to (1,) before training, or train without DeepSpeed (DDP).")
 
     @staticmethod
     def inputs(batch: Mapping[str, Any], name: str, prefix: str = "") -> Any:

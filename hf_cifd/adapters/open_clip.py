@@ -42,6 +42,12 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+def _raw_features(net: nn.Module, images: torch.Tensor, tokens: torch.Tensor):
+    """Unnormalised image and text features and the exponentiated scale (shape () also when held as (1,))."""
+    return (net.encode_image(images, normalize=False), net.encode_text(tokens, normalize=False),
+            net.logit_scale.exp().reshape(()))
+
+
 def _read_local_cfg(path: str) -> dict:
     with open(os.path.join(path, CONFIG_NAME), encoding="utf-8") as f:
         return json.load(f)["model_cfg"]
@@ -157,9 +163,26 @@ class OpenCLIPAdapter(ModelAdapter):
                 f"the batch has {images.shape[0]} images but {tokens.shape[0]} captions ({prefix or 'student'} inputs); "
                 "CLIP training needs one caption per image."
             )
-        image = net.encode_image(images, normalize=False)
-        text = net.encode_text(tokens, normalize=False)
-        return Encoded(embeddings={"image": image, "text": text}, logit_scale=net.logit_scale.exp())
+        # Through the root module's __call__: ZeRO-3 gathers the root's own parameters (text_projection, logit_scale...)
+        # in its forward hooks, and again for the backward, only when its forward runs.
+        net.forward = _raw_features.__get__(net)
+        try:
+            image, text, scale = net(images, tokens)
+        finally:
+            del net.forward
+        return Encoded(embeddings={"image": image, "text": text}, logit_scale=scale)
+
+    def prepare_for_deepspeed(self, model):
+        """Holds open_clip's 0-dim parameters (``logit_scale``, ``logit_bias``), which DeepSpeed 0.19 cannot shard or
+        checkpoint, as shape (1,): open_clip only uses them in broadcasting products. :meth:`save` writes them back
+        with shape (), so the export loads with plain open_clip."""
+        net = _unwrap(model)
+        scalars = [n for n, p in net.named_parameters() if p.dim() == 0]
+        for name in scalars:
+            module, _, attr = name.rpartition(".")
+            param = getattr(net.get_submodule(module), attr)
+            param.data = param.data.reshape(1)
+        net.hf_cifd_scalar_params = sorted(set(getattr(net, "hf_cifd_scalar_params", ())) | set(scalars))
 
     def image_transform(self, model, train):
         transforms = getattr(_unwrap(model), "hf_cifd_transforms", None)
@@ -190,6 +213,8 @@ class OpenCLIPAdapter(ModelAdapter):
         if "size" in pp and isinstance(pp["size"], tuple):
             pp["size"] = list(pp["size"])
         state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+        for name in getattr(net, "hf_cifd_scalar_params", ()):
+            state[name] = state[name].reshape(())  # held as (1,) for DeepSpeed; open_clip's shape is ()
         save_file(state, os.path.join(output_dir, WEIGHTS_NAME))
         with open(os.path.join(output_dir, CONFIG_NAME), "w") as f:
             json.dump({"model_cfg": cfg, "preprocess_cfg": pp}, f, indent=2)
