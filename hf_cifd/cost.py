@@ -25,7 +25,6 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .checks import DistillationInputError
 
 IMAGENET_TRAIN_SAMPLES = 1_281_167
 CIFAR_TRAIN_SAMPLES = 50_000

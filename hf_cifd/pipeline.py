@@ -324,7 +324,6 @@ class _Run:
     # -- stage: teacher training ---------------------------------------------------------------------------------
     def train_teacher(self, teacher):
         from .data import collate
-        from .trainer import DistillationTrainer
 
         a, c = self.args, self.config
         epochs = a.teacher_epochs if a.teacher_epochs is not None else c.num_train_epochs

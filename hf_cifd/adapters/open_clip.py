@@ -255,8 +255,6 @@ class OpenCLIPPairProcessor:
         self.skipped = {"undecodable_image": 0, "empty_caption": 0}
 
     def __call__(self, sample: Mapping[str, Any]) -> dict[str, Any] | None:
-        from PIL import Image
-
         try:
             text = _caption(sample.get(self.text_key), self.rng)
         except DistillationInputError:
