@@ -46,6 +46,7 @@ class CostSetup:
     assistant_epochs: float
     num_rdms: int = 3
     rdm: str = "paper_imagenet"  # RateDistortionModule constructor: paper_imagenet or paper_cifar_cnn
+    in_channels: int = 3
     notes: list[str] = field(default_factory=list)
 
 
@@ -69,16 +70,16 @@ def forward_macs(model: torch.nn.Module, *inputs, **kwargs) -> int:
     return counter.get_total_flops() // 2
 
 
-def image_model_macs(spec: str, image_size: int, num_classes: int) -> tuple[int, int]:
-    """(forward MACs per image, embedding width) of a model spec (``timm:resnet34``, ``cnn:cnn10``, ...), built on
-    the meta device: no weights are created or downloaded."""
+def image_model_macs(spec: str, image_size: int, num_classes: int, in_channels: int = 3) -> tuple[int, int]:
+    """(forward MACs per image, embedding width) of a model spec (``timm:resnet34``, ``cnn:cnn10``, ...) at
+    ``image_size`` x ``image_size`` x ``in_channels``, built on the meta device: no weights are created or downloaded."""
     from .adapters import adapter_for
     from .adapters.specs import load_model
 
     with torch.device("meta"):
-        model = load_model(spec, num_classes=num_classes, pretrained=False).eval()
-    channels = getattr(model, "in_channels", 3)
-    x = torch.empty(1, channels, image_size, image_size, device="meta")
+        model = load_model(spec, num_classes=num_classes, pretrained=False, image_size=image_size,
+                           in_channels=in_channels).eval()
+    x = torch.empty(1, in_channels, image_size, image_size, device="meta")
     return forward_macs(model, x), adapter_for(model).embedding_dims(model)["image"]
 
 
@@ -88,10 +89,11 @@ def per_sample_macs(setup: CostSetup) -> dict[str, int]:
     from .rdm_training import build_rdm
 
     macs: dict[str, int] = {}
-    macs["teacher"], t_dim = image_model_macs(setup.teacher, setup.image_size, setup.num_classes)
-    macs["student"], s_dim = image_model_macs(setup.student, setup.image_size, setup.num_classes)
+    size, classes, channels = setup.image_size, setup.num_classes, setup.in_channels
+    macs["teacher"], t_dim = image_model_macs(setup.teacher, size, classes, channels)
+    macs["student"], s_dim = image_model_macs(setup.student, size, classes, channels)
     for k, spec in enumerate(setup.assistants):
-        macs[f"assistant_{k}"], _ = image_model_macs(spec, setup.image_size, setup.num_classes)
+        macs[f"assistant_{k}"], _ = image_model_macs(spec, size, classes, channels)
     rdm = build_rdm(setup.rdm, t_dim, setup.num_classes, 0.0 if setup.rdm == "paper_cifar_cnn" else 1e4).eval()
     x = torch.randn(1, t_dim)
     macs["rdm_train"] = forward_macs(rdm, x)  # with the density model (the rate term)
@@ -148,7 +150,7 @@ def add_arguments(p) -> None:
     p.add_argument("--assistants", nargs="*", default=None, help="TAKD/DGKD assistant specs, largest first")
     p.add_argument("--dataset", choices=["imagenet", "cifar100"], default=None,
                    help="size preset: imagenet (1,281,167 images, 224 px, 1000 classes) or cifar100 (50k, 32 px, 100)")
-    for name in ("train_samples", "image_size", "num_classes", "num_rdms"):
+    for name in ("train_samples", "image_size", "in_channels", "num_classes", "num_rdms"):
         p.add_argument(f"--{name}", type=int, default=None)
     for name in ("kd_epochs", "student_epochs", "rdm_epochs", "assistant_epochs"):
         p.add_argument(f"--{name}", type=float, default=None)
@@ -160,7 +162,7 @@ def setup_from_args(args) -> CostSetup:
     setup = CostSetup(**{**asdict(PRESETS[base])})
     if args.dataset == "cifar100" and args.pair is None:
         setup.rdm = "paper_cifar_cnn"
-    for name in ("teacher", "student", "assistants", "train_samples", "image_size", "num_classes", "num_rdms",
+    for name in ("teacher", "student", "assistants", "train_samples", "image_size", "in_channels", "num_classes", "num_rdms",
                  "kd_epochs", "student_epochs", "rdm_epochs", "assistant_epochs"):
         value = getattr(args, name)
         if value is not None:

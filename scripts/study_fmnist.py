@@ -88,29 +88,18 @@ class Runs:
         return row
 
 
-def forward_macs(model: torch.nn.Module, shape=(1, 1, 28, 28)) -> int:
-    """Multiply-accumulates of one forward pass of one image (Conv2d and Linear layers; pooling/ReLU ignored)."""
-    total = [0]
+def per_image_macs() -> dict[str, int]:
+    """Forward MACs per image of every model of the study, counted by ``hf_cifd.cost`` (``hf-cifd cost``) at
+    28x28x1: the Table 8 CNNs, and the study's RDM with its density model (RDM stage) and without (frozen, student
+    stage), and the IBM."""
+    from hf_cifd.cost import forward_macs, image_model_macs
+    from hf_cifd.modules import InformationBottleneck
 
-    def hook(module, inputs, output):
-        if isinstance(module, torch.nn.Conv2d):
-            k = module.kernel_size[0] * module.kernel_size[1] * module.in_channels // module.groups
-            total[0] += output.numel() // output.shape[0] * k
-        elif isinstance(module, torch.nn.Linear):
-            total[0] += module.in_features * module.out_features * (inputs[0].numel() // inputs[0].shape[-1]) // inputs[0].shape[0]
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
-    was = model.training
-    model.eval()
-    with torch.no_grad():
-        x = torch.zeros(shape)
-        if hasattr(model, "encoder") and not hasattr(model, "features"):  # an RDM: input = teacher embedding
-            x = torch.zeros(1, model.embed_dim)
-        model(x)
-    model.train(was)
-    for h in handles:
-        h.remove()
-    return total[0]
+    out = {name: image_model_macs(f"cnn:{name}", 28, 10, in_channels=1)[0] for name in ("cnn10", "cnn8", "cnn6", "cnn4", "cnn2")}
+    rdm, x = rdm_for(1.0).eval(), torch.randn(1, 512)
+    out["rdm_train"], out["rdm_frozen"] = forward_macs(rdm, x), forward_macs(rdm, x, with_rate=False)
+    out["ibm"] = forward_macs(InformationBottleneck(256, 512, 1).train(), torch.randn(1, 256))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------- models, data
@@ -214,8 +203,7 @@ class Study:
             model.save_pretrained(path)
             self.runs.add({"id": "teacher", "model": "cnn10", "train_images": len(d["pool"]),
                            "epochs": self.a.teacher_epochs, "val_accuracy": accuracy(trainer, d["val"]),
-                           "test_accuracy": accuracy(trainer, d["test"]), "seconds": round(time.perf_counter() - t0, 1),
-                           "forward_macs": forward_macs(model)})
+                           "test_accuracy": accuracy(trainer, d["test"]), "seconds": round(time.perf_counter() - t0, 1)})
             self._teacher = model
         return self._teacher.eval()
 
@@ -334,8 +322,7 @@ class Study:
                             epochs=self.a.rdm_epochs, batch_size=256, progress=False)
         return self.runs.add({"id": "sweep", "rates": RATE_GRID, "metrics": report.metrics,
                               "teacher_val_accuracy": report.teacher_accuracy, "rdm_epochs": self.a.rdm_epochs,
-                              "train_images": len(d["pool"]), "seconds": round(time.perf_counter() - t0, 1),
-                              "rdm_forward_macs": forward_macs(rdm_for(1.0))})
+                              "train_images": len(d["pool"]), "seconds": round(time.perf_counter() - t0, 1)})
 
     def chosen_rates(self, n: int) -> list[float]:
         """R for n RDMs: validation accuracies spread evenly between the student's (pilot, untuned) and the teacher's;
@@ -384,8 +371,7 @@ class Study:
         trainer.train()
         model.save_pretrained(path)
         self.runs.add({"id": key, "upstream": upstream, "epochs": self.a.ta_epochs, "train_images": self.a.n_train,
-                       "val_accuracy": accuracy(trainer, d["val"]), "seconds": round(time.perf_counter() - t0, 1),
-                       "forward_macs": forward_macs(model)})
+                       "val_accuracy": accuracy(trainer, d["val"]), "seconds": round(time.perf_counter() - t0, 1)})
         self._tas[name] = model.eval()
         return self._tas[name]
 
@@ -412,30 +398,28 @@ def method_specs(available: set[str]) -> dict[str, dict]:
 
 
 # ---------------------------------------------------------------------------------------------------- report
-def training_macs(study: Study, name: str, spec: dict) -> dict[str, float]:
-    """Forward MACs of the student stage (+ the method's extra stages), as the paper's Appendix D.2 counts them."""
-    a, runs = study.a, study.runs
-    student = forward_macs(cnn("cnn2"))
-    teacher = runs["teacher"]["forward_macs"]
+def training_macs(study: Study, name: str, spec: dict, m: dict[str, int]) -> dict[str, float]:
+    """Forward MACs of the student stage (+ the method's extra stages), as the paper's Appendix D.2 (and
+    ``hf_cifd.cost``) counts them, from the per-image counts ``m`` of :func:`per_image_macs`."""
+    a = study.a
     images = a.n_train * a.epochs
-    stage = student * images
+    teacher = m["cnn10"]
+    stage = m["cnn2"] * images
     extra = 0.0
     if spec["method"] != "student":
-        source = spec.get("teacher_source", "teacher")
-        stage += (teacher if source == "teacher" else runs[f"ta/{source}"]["forward_macs"]) * images
+        stage += m[spec.get("teacher_source", "cnn10").replace("teacher", "cnn10")] * images
     if spec.get("rdms"):
-        rdm = runs["sweep"]["rdm_forward_macs"]
-        stage += spec["rdms"] * rdm * images
+        stage += (spec["rdms"] * m["rdm_frozen"] + (m["ibm"] if spec.get("use_ibm") else 0)) * images
         # RDM stage: one cached teacher pass over the pool + the RDMs' training passes
-        extra += teacher * a.n_teacher + spec["rdms"] * rdm * a.n_teacher * a.rdm_epochs
+        extra += teacher * a.n_teacher + spec["rdms"] * m["rdm_train"] * a.n_teacher * a.rdm_epochs
     if spec.get("indistill"):
-        warm = sum(spec["indistill_durations"])
-        stage += teacher * a.n_train * warm  # the warm-up runs the teacher live (its features are not cached)
+        stage += teacher * a.n_train * sum(spec["indistill_durations"])  # the warm-up runs the teacher live
     if spec.get("teacher_source") == "cnn4" or spec.get("dgkd"):
-        for ta, up in (("cnn8", teacher), ("cnn6", runs["ta/cnn8"]["forward_macs"]), ("cnn4", runs["ta/cnn6"]["forward_macs"])):
-            extra += (runs[f"ta/{ta}"]["forward_macs"] + up) * a.n_train * a.ta_epochs
+        chain = ("cnn10", "cnn8", "cnn6", "cnn4")
+        for k in range(1, 4):  # the TAKD chain: each assistant from its predecessor (DGKD reuses these assistants)
+            extra += (m[chain[k]] + m[chain[k - 1]]) * a.n_train * a.ta_epochs
     if spec.get("dgkd"):
-        stage += sum(runs[f"ta/{t}"]["forward_macs"] for t in ("cnn8", "cnn6", "cnn4")) * images
+        stage += (m["cnn8"] + m["cnn6"] + m["cnn4"]) * images
     return {"student_stage": stage, "extra_stages": extra, "total": stage + extra}
 
 
@@ -460,13 +444,15 @@ def report(study: Study, specs: dict[str, dict]) -> dict:
     }
     if out["rate_sweep"]:
         out["chosen_rates"] = {n: study.chosen_rates(n) for n in (1, 3, 5)}
+    per_image = per_image_macs()
+    out["forward_macs_per_image"] = per_image
     base = None
     for name, spec in specs.items():
         seeds = [runs[f"final/{name}/seed={s}"] for s in range(a.seeds) if f"final/{name}/seed={s}" in runs]
         if not seeds:
             continue
         accs = [r["test_accuracy"] for r in seeds]
-        macs = training_macs(study, name, spec)
+        macs = training_macs(study, name, spec, per_image)
         tune = dict(runs[f"tune/{name}"])
         if tune["val_accuracy"] is not None and tune["val_accuracy"] <= 1.0:  # recorded as a fraction by an older run
             tune["val_accuracy"] *= 100.0

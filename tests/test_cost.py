@@ -12,11 +12,24 @@ from hf_cifd.cost import CostSetup, image_model_macs, training_costs
 CNN2 = 32 * 32 * 27 * 32 + 16 * 16 * 288 * 32 + 2048 * 256 + 256 * 100
 # 4-layer CNN: convs 3->32, 32->32 at 32x32, 32->64, 64->64 at 16x16, FC 64*8*8 -> 256, head.
 CNN4 = 32 * 32 * (27 * 32 + 288 * 32) + 16 * 16 * (288 * 64 + 576 * 64) + 4096 * 256 + 256 * 100
+# The same 2-layer CNN on Fashion-MNIST (28x28x1, 10 classes): conv 1->32 at 28x28 (9 MACs per output), conv 32->32
+# at 14x14, FC 32*7*7 -> 256, head 256 -> 10.
+CNN2_FMNIST = 28 * 28 * 9 * 32 + 14 * 14 * 288 * 32 + 1568 * 256 + 256 * 10
 
 
 def test_model_macs_match_hand_counts():
     assert image_model_macs("cnn:cnn2", 32, 100) == (CNN2, 256)
     assert image_model_macs("cnn:cnn4", 32, 100) == (CNN4, 256)
+    assert image_model_macs("cnn:cnn2", 28, 10, in_channels=1) == (CNN2_FMNIST, 256)
+
+
+def test_cli_table1_at_fashion_mnist_size(tmp_path):
+    out = tmp_path / "out.json"
+    assert main(["cost", "--pair", "table1", "--image_size", "28", "--in_channels", "1", "--num_classes", "10",
+                 "--train_samples", "1000", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["setup"]["in_channels"] == 1 and r["per_sample_macs"]["student"] == CNN2_FMNIST
+    assert r["methods"]["kd"]["total_macs"] == 240 * 1000 * (r["per_sample_macs"]["teacher"] + CNN2_FMNIST)
 
 
 def test_stage_totals_follow_the_conventions():

@@ -52,10 +52,10 @@ class ModelAdapter:
 
     @staticmethod
     def load(name: str, pretrained: bool = False, num_classes: int | None = None, *,
-             image_size: int | None = None) -> nn.Module:
+             image_size: int | None = None, in_channels: int | None = None) -> nn.Module:
         """Creates a classifier of this library: ``name`` as the library spells it, ``pretrained`` weights or random
         init, a head of ``num_classes`` classes, ``image_size`` overriding the model's input resolution (and hence
-        its transforms) where the library allows it."""
+        its transforms) where the library allows it, ``in_channels`` the input channels (None: the model's own)."""
         raise NotImplementedError
 
     def embedding_dims(self, model: nn.Module) -> dict[str, int]:

@@ -122,7 +122,7 @@ class OpenCLIPAdapter(ModelAdapter):
     spec_prefix = "open_clip"
 
     @staticmethod
-    def load(name, pretrained=False, num_classes=None, *, image_size=None):
+    def load(name, pretrained=False, num_classes=None, *, image_size=None, in_channels=None):
         """``"ViT-L-14@openai"`` (a built-in architecture and its pretrained tag, loaded when ``pretrained``),
         ``"hf-hub:org/repo"`` or ``"local-dir:PATH"`` via :func:`create_openclip`; its transforms and tokenizer are
         kept on the model (``image_transform``, ``tokenizer``)."""
@@ -131,6 +131,8 @@ class OpenCLIPAdapter(ModelAdapter):
             raise DistillationInputError(
                 f"open_clip:{name} names no pretrained weights: add the tag, e.g. open_clip:{arch}@openai "
                 "(open_clip.list_pretrained() lists them), or set pretrained to false for random init.")
+        if in_channels not in (None, 3):
+            raise DistillationInputError(f"open_clip models take RGB images: in_channels={in_channels} is not supported.")
         kwargs = {} if image_size is None else {"force_image_size": image_size}
         return create_openclip(arch, tag if pretrained and tag else None, **kwargs)[0]
 

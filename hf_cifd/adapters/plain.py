@@ -23,7 +23,7 @@ class PlainAdapter(ModelAdapter):
     spec_prefix = "cnn"
 
     @staticmethod
-    def load(name, pretrained=False, num_classes=None, *, image_size=None):
+    def load(name, pretrained=False, num_classes=None, *, image_size=None, in_channels=None):
         """The paper's simple CNNs (:class:`hf_cifd.models.SimpleCNN`): a Table 8 name ("cnn10", "cnn2", ...;
         random init) or a directory / Hub repo written by ``save_pretrained`` (a trained model)."""
         from ..checks import DistillationInputError
@@ -35,8 +35,12 @@ class PlainAdapter(ModelAdapter):
                     f"there are no published weights for the Table 8 CNN {name!r}: give the directory of a trained one "
                     "(cnn:/path/to/model, written by save_pretrained) or train it first (pretrained=False).")
             kwargs = {} if image_size is None else {"input_size": image_size}
+            if in_channels is not None:
+                kwargs["in_channels"] = in_channels
             return SimpleCNN.from_table8(name, num_classes=100 if num_classes is None else num_classes, **kwargs)
         model = SimpleCNN.from_pretrained(name)
+        if in_channels is not None and in_channels != model.in_channels:
+            raise DistillationInputError(f"{name} takes {model.in_channels}-channel images, not in_channels={in_channels}.")
         if num_classes is not None and model.num_classes != num_classes:
             raise DistillationInputError(f"{name} predicts {model.num_classes} classes, not num_classes={num_classes}.")
         return model

@@ -36,10 +36,12 @@ def split_spec(spec: str) -> tuple[str, str]:
 
 
 def load_model(spec: str, num_classes: int | None = None, pretrained: bool = False,
-               image_size: int | None = None) -> nn.Module:
-    """The model named by ``spec`` (see the module docstring), created by its library's adapter."""
+               image_size: int | None = None, in_channels: int | None = None) -> nn.Module:
+    """The model named by ``spec`` (see the module docstring), created by its library's adapter; ``in_channels``
+    (default: the model's own, 3 for RGB) e.g. 1 for grayscale inputs such as Fashion-MNIST."""
     prefix, name = split_spec(spec)
-    return _loaders()[prefix].load(name, pretrained=pretrained, num_classes=num_classes, image_size=image_size)
+    return _loaders()[prefix].load(name, pretrained=pretrained, num_classes=num_classes, image_size=image_size,
+                                   in_channels=in_channels)
 
 
 __all__ = ["SPEC_PREFIXES", "load_model", "split_spec"]

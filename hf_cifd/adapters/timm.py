@@ -14,16 +14,19 @@ class TimmAdapter(ModelAdapter):
     spec_prefix = "timm"
 
     @staticmethod
-    def load(name, pretrained=False, num_classes=None, *, image_size=None):
+    def load(name, pretrained=False, num_classes=None, *, image_size=None, in_channels=None):
         """``timm.create_model(name, ...)``; ``name`` may carry a pretrained tag ("resnet34.a1_in1k") or be
         "hf-hub:org/repo" / "local-dir:PATH". ``image_size`` overlays ``input_size`` (and crop_pct 1) on the
         pretrained_cfg, so the data config, the transforms and the exported config.json all use it."""
         import timm
 
         kwargs = {} if num_classes is None else {"num_classes": num_classes}
+        if in_channels is not None:
+            kwargs["in_chans"] = in_channels  # timm adapts pretrained stem weights to the channel count
         if image_size:
-            kwargs["pretrained_cfg_overlay"] = {"input_size": (3, image_size, image_size), "crop_pct": 1.0,
-                                                "test_input_size": (3, image_size, image_size), "test_crop_pct": 1.0}
+            c = in_channels or 3
+            kwargs["pretrained_cfg_overlay"] = {"input_size": (c, image_size, image_size), "crop_pct": 1.0,
+                                                "test_input_size": (c, image_size, image_size), "test_crop_pct": 1.0}
         return timm.create_model(name, pretrained=pretrained, **kwargs)
 
     @staticmethod

@@ -13,7 +13,7 @@ class TransformersAdapter(ModelAdapter):
     spec_prefix = "hf"
 
     @staticmethod
-    def load(name, pretrained=False, num_classes=None, *, image_size=None):
+    def load(name, pretrained=False, num_classes=None, *, image_size=None, in_channels=None):
         """``AutoModelForImageClassification`` from a Hub id or directory: its weights (``pretrained``; a new head
         when ``num_classes`` differs) or its config with random init. ``image_size`` sets ``config.image_size``
         (models that have one, e.g. ViT)."""
@@ -22,6 +22,8 @@ class TransformersAdapter(ModelAdapter):
         kwargs = {} if num_classes is None else {"num_labels": num_classes}
         if image_size:
             kwargs["image_size"] = image_size
+        if in_channels is not None:
+            kwargs["num_channels"] = in_channels
         if pretrained:
             model = AutoModelForImageClassification.from_pretrained(name, ignore_mismatched_sizes=True, **kwargs)
         else:
