@@ -86,6 +86,8 @@ def _train_rdms(sub):
     p.add_argument("--epochs", type=float, default=30.0)
     p.add_argument("--batch_size", type=int, default=256)
     p.add_argument("--learning_rate", type=float, default=1e-3)
+    p.add_argument("--bottleneck_learning_rate", type=float, default=1e-2,
+                   help="learning rate of the entropy models that measure the rate (train_rdms' bottleneck_learning_rate)")
     p.add_argument("--eval_fraction", type=float, default=0.05,
                    help="share of the cached samples held out for the reported rate/accuracy (paper: 5%%)")
     p.add_argument("--seed", type=int, default=0)
@@ -98,7 +100,8 @@ def _train_rdms(sub):
         train, held_out = CacheKeysDataset(cache).split(args.eval_fraction, seed=args.seed)
         report = train_rdms(train, teacher_cache=cache, rates=args.rates, eval_dataset=held_out,
                             output_dir=args.output_dir, epochs=args.epochs, batch_size=args.batch_size,
-                            learning_rate=args.learning_rate, hidden_dims=args.hidden_dims,
+                            learning_rate=args.learning_rate, bottleneck_learning_rate=args.bottleneck_learning_rate,
+                            hidden_dims=args.hidden_dims,
                             distortion=args.distortion, seed=args.seed)
         for row in report.metrics:
             print(json.dumps(row))

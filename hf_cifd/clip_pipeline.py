@@ -242,7 +242,8 @@ def _rdms(args, config, teacher, t_pre_val, t_tok, train_path, train_files, rt_d
     rdm_dir = os.path.join(config.output_dir, "rdms")
     report = train_rdms(rdm_ds, teacher=teacher, rates=rates, max_steps=rdm_steps, eval_dataset=rdm_eval,
                         accelerator=rdm_accelerator, batch_size=config.per_device_train_batch_size,
-                        learning_rate=config.rdm_learning_rate, hidden_dims=config.rdm_hidden_dims, distortion="mse",
+                        learning_rate=config.rdm_learning_rate,
+                        bottleneck_learning_rate=config.rdm_bottleneck_learning_rate, hidden_dims=config.rdm_hidden_dims, distortion="mse",
                         collate_fn=collate, output_dir=rdm_dir, progress=False,
                         teacher_name=None if args.smoke else args.teacher,
                         teacher_hub_id=None if args.smoke else model_hub_id(None, args.teacher))

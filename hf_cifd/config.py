@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from .checks import DistillationInputError
+from .checks import DistillationInputError, check_positive
 
 CLASSIFICATION_METHODS = ("student", "kd", "fitnet", "rkd", "pkt", "takd", "dgkd", "cifd", "ckd")
 CLIP_METHODS = ("clip", "openclip", "clipkd", "tinyclip", "cifd", "ckd")
@@ -62,6 +62,10 @@ class DistillationConfig(TrainingArguments):
     )
     rdm_epochs: float = field(default=30.0, metadata={"help": "Epochs of the RDM training stage (paper: 30)."})
     rdm_learning_rate: float = field(default=1e-3, metadata={"help": "Adam learning rate of the RDM stage."})
+    rdm_bottleneck_learning_rate: float | None = field(
+        default=1e-2, metadata={"help": "Adam learning rate of the RDMs' entropy models (the density that measures the "
+                                        "rate): at rdm_learning_rate it fits too slowly for the rate to follow R in a "
+                                        "short RDM stage (train_rdms' bottleneck_learning_rate). None: rdm_learning_rate."})
     # --- CIFD: information bottleneck on the student ----------------------------------------------------------
     use_ibm: bool = field(default=True, metadata={"help": "Information Bottleneck Module on the student (training only)."})
     lambda_ibm: float = field(default=0.001, metadata={"help": "lambda_I: weight of the IBM rate -log2 r(W^) (eq. 7/9)."})
@@ -195,6 +199,9 @@ class DistillationConfig(TrainingArguments):
                 f"every RDM rate weight R must be >= 0 (0: no distortion term), got {self.rdm_rates}.")
         if self.rdm_weights is not None and len(self.rdm_weights) != self.num_rdms:
             raise DistillationInputError(f"rdm_weights needs {self.num_rdms} values (one per RDM), got {len(self.rdm_weights)}.")
+        check_positive("rdm_learning_rate", self.rdm_learning_rate)
+        if self.rdm_bottleneck_learning_rate is not None:
+            check_positive("rdm_bottleneck_learning_rate", self.rdm_bottleneck_learning_rate)
         if self.progressive_resolution is not None:
             pr = [float(v) for v in self.progressive_resolution]
             if len(pr) != 4 or not (0 < pr[0] <= pr[1]) or not (0 <= pr[2] <= pr[3]):

@@ -387,7 +387,8 @@ class _Run:
         return {**self._teacher_identity(teacher), "rates": list(c.rdm_rates), "hidden_dims": list(c.rdm_hidden_dims),
                 "bottleneck_after": a.rdm_bottleneck_after, "activation_after": list(a.rdm_activation_after),
                 "distortion": a.rdm_distortion, "epochs": c.rdm_epochs, "max_steps": a.rdm_max_steps,
-                "learning_rate": c.rdm_learning_rate, "val_fraction": a.rdm_val_fraction, "seed": c.seed}
+                "learning_rate": c.rdm_learning_rate, "bottleneck_learning_rate": c.rdm_bottleneck_learning_rate,
+                "val_fraction": a.rdm_val_fraction, "seed": c.seed}
 
     @staticmethod
     def _finished(marker: str, identity: dict[str, Any], what: str) -> dict | None:
@@ -492,6 +493,7 @@ class _Run:
         report = train_rdms(
             train, teacher_cache=cache, rdms={"image": rdms}, eval_dataset=val, output_dir=os.path.join(self.out, "rdms"),
             epochs=c.rdm_epochs, max_steps=a.rdm_max_steps, batch_size=batch, learning_rate=c.rdm_learning_rate,
+            bottleneck_learning_rate=c.rdm_bottleneck_learning_rate,
             lambda_ce=c.lambda_ce, lambda_kl=c.lambda_kl, temperature=c.temperature, collate_fn=collate,
             seed=c.seed, accelerator=self.accelerator, progress=_is_main(), teacher_name=a.teacher,
             teacher_hub_id=_teacher_hub_id(a))

@@ -101,6 +101,20 @@ def build_rdm(architecture: str, embed_dim: int, num_classes: int | None, rate_w
     raise DistillationInputError(f"RDM architecture must be one of {RDM_ARCHITECTURES}, got {architecture!r}.")
 
 
+def _param_groups(bank: nn.Module, learning_rate: float, bottleneck_learning_rate: float | None) -> list[dict]:
+    """Adam groups: the entropy models (``bottleneck.*`` of every RDM) at ``bottleneck_learning_rate``, the rest at
+    ``learning_rate``."""
+    if bottleneck_learning_rate is None:
+        return [{"params": list(bank.parameters()), "lr": learning_rate}]
+    density, rest = [], []
+    for rdm in bank.modules():
+        if isinstance(rdm, RateDistortionModule):
+            ids = {id(p) for p in rdm.bottleneck.parameters()}
+            for p in rdm.parameters():
+                (density if id(p) in ids else rest).append(p)
+    return [{"params": rest, "lr": learning_rate}, {"params": density, "lr": bottleneck_learning_rate}]
+
+
 def _as_rates(rates, modalities) -> dict[str, list[float]]:
     if isinstance(rates, Mapping):
         return {m: [float(r) for r in rates[m]] for m in rates}
@@ -119,6 +133,7 @@ def train_rdms(
     max_steps: int | None = None,
     batch_size: int = 256,
     learning_rate: float = 1e-3,
+    bottleneck_learning_rate: float | None = 1e-2,
     hidden_dims: Sequence[int] = (512, 512, 512),
     architecture: str = "custom",
     distortion: str = "smooth_l1",
@@ -147,6 +162,13 @@ def train_rdms(
         eval_dataset: held-out samples for the reported rate / distortion / accuracy.
         output_dir: where each RDM (``rdm-<modality>-<i>/``), ``rdm_metrics.json`` and ``rd_curve.png`` go.
         epochs / max_steps: length of training (max_steps wins; required for streaming datasets).
+        learning_rate: Adam learning rate of the encoders, decoders and heads.
+        bottleneck_learning_rate: Adam learning rate of the entropy models (the factorized density that measures the
+            rate, and its quantiles); None = ``learning_rate``. The density starts wide (compressai's init_scale=10:
+            ~5 bits per channel for small latents) and Adam moves each parameter by about its learning rate per
+            step, so at 1e-3 it needs thousands of steps to fit the latents: until then the measured rate is the
+            init's, whatever R is (the demo's RDMs at R = 100 / 10 / 1 after 240 steps at 1e-3: 177 / 175 / 175 bits).
+            Eq. (4)/(5) are unchanged: only the optimizer.
         teacher_cache: a ``hf_cifd.data.TeacherCache`` or its directory: no teacher forward at all.
         teacher_name / teacher_hub_id: the teacher's id (``timm:resnet34.a1_in1k``) and the Hub repo of its pretrained
             weights (``timm/resnet34.a1_in1k``, :func:`hf_cifd.hub.model_hub_id`), for the RDMs' model cards.
@@ -155,6 +177,9 @@ def train_rdms(
     from accelerate.utils import set_seed
 
     check_positive("epochs", epochs) if max_steps is None else check_positive("max_steps", max_steps)
+    check_positive("learning_rate", learning_rate)
+    if bottleneck_learning_rate is not None:
+        check_positive("bottleneck_learning_rate", bottleneck_learning_rate)
     if teacher is None and teacher_cache is None:
         raise DistillationInputError("train_rdms needs a teacher or a teacher-output cache (teacher_cache=...).")
     accelerator = accelerator or Accelerator()
@@ -189,7 +214,7 @@ def train_rdms(
 
     bank = _RDMBank(rdms)
     # fused: one pass over the parameters per step (the RDM stage from a cache is optimizer-bound)
-    optimizer = torch.optim.Adam(bank.parameters(), lr=learning_rate, fused=True)
+    optimizer = torch.optim.Adam(_param_groups(bank, learning_rate, bottleneck_learning_rate), fused=True)
     loader = DataLoader(train_dataset, batch_size=batch_size, shuffle=not isinstance(train_dataset, torch.utils.data.IterableDataset),
                         collate_fn=collate, num_workers=num_workers, drop_last=False)
     bank, optimizer, loader = accelerator.prepare(bank, optimizer, loader)
