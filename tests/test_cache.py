@@ -149,6 +149,12 @@ def test_streamed_cache_and_collator_in_workers(tmp_path):
     assert n == 16
 
 
+def _finished_shards(cache_dir):
+    """Shards with their checksum entry: the writer's last step, so these are the ones a resume may reuse."""
+    shards = glob.glob(os.path.join(cache_dir, "shards", "*.arrow"))
+    return [s for s in shards if os.path.exists(s[: -len(".arrow")] + ".sha256")]
+
+
 def _launch(wds, out, report, sleep=0.0, also=()):
     # `accelerate launch --cpu` starts ONE process whatever --num_processes says (simple_launcher); --multi_gpu runs
     # torchrun with 2 processes, and the script's Accelerator(cpu=True) uses gloo on the CPU.
@@ -167,13 +173,14 @@ def test_two_process_cache_killed_and_resumed_is_bitwise_identical(tmp_path):
     ref, cut = str(tmp_path / "ref"), str(tmp_path / "cut")
     cut_proc = _launch(wds, cut, str(tmp_path / "cut.json"), sleep=0.4)
     deadline = time.time() + 120
-    while len(glob.glob(os.path.join(cut, "shards", "*.arrow"))) < 2:
+    while len(_finished_shards(cut)) < 2:
         assert cut_proc.poll() is None, cut_proc.stdout.read().decode()[-3000:]
         assert time.time() < deadline, "the slow cache run never wrote 2 shards"
         time.sleep(0.05)
     kill_tree(cut_proc.pid)  # a real SIGKILL of the launcher, torchrun and both workers
     cut_proc.wait()
-    done_before = len(glob.glob(os.path.join(cut, "shards", "*.arrow")))
+    # The kill may land between a shard's rename and its checksum entry: that shard is unfinished and is redone.
+    done_before = len(_finished_shards(cut))
     assert 2 <= done_before < 10  # 2 ranks x 20 good samples / shard_size 4 = 10 shards
 
     # resume the killed cache, then (same 2 processes) write an uninterrupted reference cache
