@@ -45,6 +45,24 @@ def atomic_json(path: str, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def finished_stage(marker: str, identity: dict[str, Any], what: str) -> dict | None:
+    """The ``complete.json`` marker of a finished pipeline stage (teacher training, teacher cache, RDMs) when it
+    belongs to this run; None when absent; an error when it was made by another run (another teacher, data or rates)
+    rather than silently mixing the two. The stage writes ``{"identity": identity, ...}`` last, with :func:`atomic_json`."""
+    if not os.path.exists(marker):
+        return None
+    with open(marker) as f:
+        info = json.load(f)
+    saved = info.get("identity", {})
+    diffs = sorted(k for k in set(saved) | set(identity) if saved.get(k) != identity.get(k))
+    if diffs:
+        shown = {k: (saved.get(k), identity.get(k)) for k in diffs[:4]}
+        raise DistillationInputError(
+            f"the finished {what} in {os.path.dirname(marker)} belongs to another run: {diffs} differ "
+            f"(saved, now: {shown}). Use a new --output_dir, or delete {os.path.dirname(marker)} to rebuild it.")
+    return info
+
+
 def _files(directory: str) -> dict[str, int]:
     out = {}
     for root, _, names in os.walk(directory):

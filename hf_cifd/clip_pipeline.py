@@ -23,6 +23,7 @@ from typing import Any, Mapping
 
 import torch
 
+from .checkpoints import atomic_json, finished_stage, restart_value
 from .config import DistillationConfig
 
 logger = logging.getLogger("hf_cifd.clip_pipeline")
@@ -139,15 +140,7 @@ def run_clip(args: CLIPRecipeArguments, config: DistillationConfig) -> dict[str,
         files = {"train": sorted(glob.glob(os.path.join(data["train"], "*.tar")))}
         teacher, t_pre_train, t_pre_val, t_tok = create_openclip(SMOKE_TEACHER, preprocess_cfg=SMOKE_TEACHER_PP)
         student, s_pre_train, s_pre_val, s_tok = create_openclip(SMOKE_STUDENT, preprocess_cfg=SMOKE_STUDENT_PP)
-        # Stand-in for a pretrained teacher: a short plain-CLIP run of the tiny teacher on the same data (never pushed).
-        torch.manual_seed(0)
-        teacher_cfg = dataclasses.replace(config, method="clip", output_dir=os.path.join(out, "teacher"),
-                                          max_steps=args.smoke_teacher_steps, learning_rate=2e-3, warmup_steps=0.1,
-                                          push_to_hub=False)
-        pre = DistillationTrainer(teacher, args=teacher_cfg, data_collator=collate,
-                                  train_dataset=_pairs("webdataset", files, t_pre_val, t_tok, shuffle_buffer=1024))
-        pre.train()
-        teacher = pre.accelerator.unwrap_model(pre.model).student
+        teacher, t_pre_val, t_tok = _smoke_teacher(args, config, teacher, t_pre_val, t_tok, files)
         zs_dir, rt_dir = data["zeroshot"], data["retrieval"]
         rdm_steps = max(1, int(0.3 * config.max_steps))
         train_files, train_path = files, "webdataset"
@@ -188,8 +181,6 @@ def run_clip(args: CLIPRecipeArguments, config: DistillationConfig) -> dict[str,
     if not args.smoke:
         trainer.model_card_info.update(teacher=args.teacher, base_model=model_hub_id(None, args.teacher),
                                        datasets=[args.dataset])
-    from .checkpoints import restart_value
-
     trainer.train(resume_from_checkpoint=restart_value(config.resume_from_checkpoint, out))
     metrics = trainer.evaluate()
     trainer.save_model(os.path.join(out, "student"))
@@ -232,6 +223,15 @@ def _rdms(args, config, teacher, t_pre_val, t_tok, train_path, train_files, rt_d
     from .data.collate import collate
     from .rdm_training import train_rdms
 
+    rdm_dir = os.path.join(config.output_dir, "rdms")
+    marker = os.path.join(rdm_dir, "complete.json")
+    identity = {**_teacher_identity(args, teacher, train_path, train_files), "num_rdms": config.num_rdms,
+                "rates": list(config.rdm_rates), "hidden_dims": list(config.rdm_hidden_dims), "steps": rdm_steps,
+                "batch": config.per_device_train_batch_size * world_size(), "learning_rate": config.rdm_learning_rate,
+                "shuffle_buffer": buffer, "distortion": "mse"}
+    if finished_stage(marker, identity, "RDMs") is not None:  # a restarted run: same teacher, data and settings
+        logger.info("[stage] RDMs: reusing the RDMs this run trained in %s", rdm_dir)
+        return {m: load_rdms(rdm_dir, config.num_rdms, m) for m in ("image", "text")}
     rdm_ds = _pairs(train_path, train_files, t_pre_val, t_tok, shuffle_buffer=buffer)
     rates = {m: list(config.rdm_rates) for m in ("image", "text")}
     rdm_eval = None
@@ -239,7 +239,6 @@ def _rdms(args, config, teacher, t_pre_val, t_tok, train_path, train_files, rt_d
         rdm_eval = _pairs("webdataset", {"train": sorted(glob.glob(os.path.join(rt_dir, "*.tar")))}, t_pre_val, t_tok)
     # Each process streams its own shards; dispatching would try to concatenate the string fields (keys, text).
     rdm_accelerator = Accelerator(dataloader_config=DataLoaderConfiguration(dispatch_batches=False))
-    rdm_dir = os.path.join(config.output_dir, "rdms")
     report = train_rdms(rdm_ds, teacher=teacher, rates=rates, max_steps=rdm_steps, eval_dataset=rdm_eval,
                         accelerator=rdm_accelerator, batch_size=config.per_device_train_batch_size,
                         learning_rate=config.rdm_learning_rate,
@@ -249,7 +248,53 @@ def _rdms(args, config, teacher, t_pre_val, t_tok, train_path, train_files, rt_d
                         teacher_hub_id=None if args.smoke else model_hub_id(None, args.teacher))
     if args.push_rdms_to_hub and rdm_accelerator.is_main_process:
         push_rdm_folder(rdm_dir, args.push_rdms_to_hub, token=config.hub_token, private=config.hub_private_repo)
+    if rdm_accelerator.is_main_process:  # written last, atomically: a restarted run reuses these RDMs
+        atomic_json(marker, {"identity": identity, "num_rdms": config.num_rdms})
+    _barrier()
     return report.rdms
+
+
+def _data_identity(train_path, train_files) -> dict[str, Any]:
+    files = [[os.path.abspath(f), os.path.getsize(f)] for f in (train_files or {}).get("train", []) if os.path.isfile(f)]
+    return {"dataset": train_path, "data_files": files}
+
+
+def _teacher_identity(args, teacher, train_path, train_files) -> dict[str, Any]:
+    """What a finished stage's outputs depend on: the teacher (spec and weights) and the training data."""
+    from .data.cache import teacher_fingerprint
+
+    return {"teacher": "smoke" if args.smoke else args.teacher,
+            "teacher_weights_sha256": teacher_fingerprint(teacher)["weights_sha256"],
+            **_data_identity(train_path, train_files)}
+
+
+def _smoke_teacher(args, config, teacher, t_pre_val, t_tok, files):
+    """``(teacher, its eval transform, its tokenizer)``: the tiny teacher after a short plain-CLIP run on the smoke
+    data (the stand-in for a pretrained one, never pushed), saved to ``<output_dir>/teacher``; a restarted run whose
+    teacher stage finished loads it from there instead."""
+    from .adapters.open_clip import create_openclip
+    from .data.collate import collate
+    from .trainer import DistillationTrainer
+
+    teacher_cfg = dataclasses.replace(config, method="clip", output_dir=os.path.join(config.output_dir, "teacher"),
+                                      max_steps=args.smoke_teacher_steps, learning_rate=2e-3, warmup_steps=0.1,
+                                      save_strategy="no", push_to_hub=False)
+    marker = os.path.join(teacher_cfg.output_dir, "complete.json")
+    identity = {"teacher": SMOKE_TEACHER, "preprocess": SMOKE_TEACHER_PP, **_data_identity("webdataset", files),
+                "steps": args.smoke_teacher_steps, "batch": config.per_device_train_batch_size * world_size()}
+    if finished_stage(marker, identity, "teacher training") is not None:
+        logger.info("[stage] teacher training: reusing the teacher this run trained (%s)", teacher_cfg.output_dir)
+        # Same model_cfg and preprocessing (checked above): only the weights come from disk.
+        return create_openclip(f"local-dir:{teacher_cfg.output_dir}")[0], t_pre_val, t_tok
+    torch.manual_seed(0)
+    pre = DistillationTrainer(teacher, args=teacher_cfg, data_collator=collate,
+                              train_dataset=_pairs("webdataset", files, t_pre_val, t_tok, shuffle_buffer=1024))
+    pre.train()
+    pre.save_model(teacher_cfg.output_dir)
+    if pre.is_world_process_zero():  # written last, atomically: a restarted run reuses this teacher
+        atomic_json(marker, {"identity": identity, "steps": pre.state.global_step})
+    _barrier()
+    return pre.accelerator.unwrap_model(pre.model).student, t_pre_val, t_tok
 
 
 __all__ = ["CLIPRecipeArguments", "SMOKE_DEFAULTS", "parse_clip_args", "recipe_main", "run_clip"]

@@ -49,7 +49,7 @@ from typing import Any, Mapping
 import torch
 
 from .adapters.specs import load_model, split_spec
-from .checkpoints import atomic_json
+from .checkpoints import atomic_json, finished_stage
 from .checks import DistillationInputError
 from .config import DistillationConfig
 
@@ -336,7 +336,7 @@ class _Run:
         marker = os.path.join(cfg.output_dir, "complete.json")
         identity = {"teacher": a.teacher, **self._data_identity(), "steps": steps, "epochs": epochs, "seed": c.seed,
                     "learning_rate": c.learning_rate, "batch": self.global_batch(), "milestones": a.lr_milestones}
-        if self._finished(marker, identity, "teacher training") is not None:
+        if finished_stage(marker, identity, "teacher training") is not None:
             prefix, _ = split_spec(a.teacher)
             spec = f"timm:local-dir:{cfg.output_dir}" if prefix == "timm" else f"{prefix}:{cfg.output_dir}"
             _stage("teacher training", f"reusing the teacher this run trained ({spec})")
@@ -390,27 +390,10 @@ class _Run:
                 "learning_rate": c.rdm_learning_rate, "bottleneck_learning_rate": c.rdm_bottleneck_learning_rate,
                 "val_fraction": a.rdm_val_fraction, "seed": c.seed}
 
-    @staticmethod
-    def _finished(marker: str, identity: dict[str, Any], what: str) -> dict | None:
-        """The marker of a finished stage when it belongs to this run; None when absent; an error when it was made
-        by another run (another teacher, data or rates) rather than silently mixing the two."""
-        if not os.path.exists(marker):
-            return None
-        with open(marker) as f:
-            info = json.load(f)
-        saved = info.get("identity", {})
-        diffs = sorted(k for k in set(saved) | set(identity) if saved.get(k) != identity.get(k))
-        if diffs:
-            shown = {k: (saved.get(k), identity.get(k)) for k in diffs[:4]}
-            raise DistillationInputError(
-                f"the finished {what} in {os.path.dirname(marker)} belongs to another run: {diffs} differ "
-                f"(saved, now: {shown}). Use a new --output_dir, or delete {os.path.dirname(marker)} to rebuild it.")
-        return info
-
     def rdms(self, teacher):
         a, c = self.args, self.config
         if not a.rdm_dir:
-            done = self._finished(os.path.join(self.out, "rdms", "complete.json"), self._rdm_identity(teacher), "RDMs")
+            done = finished_stage(os.path.join(self.out, "rdms", "complete.json"), self._rdm_identity(teacher), "RDMs")
             if done is not None:
                 a.rdm_dir = os.path.join(self.out, "rdms")
                 _stage("RDMs", f"reusing the RDMs this run trained in {a.rdm_dir} (the teacher cache is not read)")
@@ -441,7 +424,7 @@ class _Run:
         self.accelerator = Accelerator(dataloader_config=DataLoaderConfiguration(dispatch_batches=False))
         t0 = _stage("teacher cache", f"one teacher pass over the training set -> {cache_dir}")
         identity = self._teacher_identity(teacher)
-        info = self._finished(marker, identity, "teacher cache")
+        info = finished_stage(marker, identity, "teacher cache")
         if info is not None:
             _stage("teacher cache", f"reusing the finished cache ({info.get('num_samples')} samples)")
             self.results["teacher_calls_cache"] = 0
