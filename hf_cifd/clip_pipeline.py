@@ -228,7 +228,8 @@ def _rdms(args, config, teacher, t_pre_val, t_tok, train_path, train_files, rt_d
     identity = {**_teacher_identity(args, teacher, train_path, train_files), "num_rdms": config.num_rdms,
                 "rates": list(config.rdm_rates), "hidden_dims": list(config.rdm_hidden_dims), "steps": rdm_steps,
                 "batch": config.per_device_train_batch_size * world_size(), "learning_rate": config.rdm_learning_rate,
-                "shuffle_buffer": buffer, "distortion": "mse"}
+                "bottleneck_learning_rate": config.rdm_bottleneck_learning_rate, "shuffle_buffer": buffer,
+                "distortion": "mse"}
     if finished_stage(marker, identity, "RDMs") is not None:  # a restarted run: same teacher, data and settings
         logger.info("[stage] RDMs: reusing the RDMs this run trained in %s", rdm_dir)
         return {m: load_rdms(rdm_dir, config.num_rdms, m) for m in ("image", "text")}
@@ -242,7 +243,8 @@ def _rdms(args, config, teacher, t_pre_val, t_tok, train_path, train_files, rt_d
     report = train_rdms(rdm_ds, teacher=teacher, rates=rates, max_steps=rdm_steps, eval_dataset=rdm_eval,
                         accelerator=rdm_accelerator, batch_size=config.per_device_train_batch_size,
                         learning_rate=config.rdm_learning_rate,
-                        bottleneck_learning_rate=config.rdm_bottleneck_learning_rate, hidden_dims=config.rdm_hidden_dims, distortion="mse",
+                        bottleneck_learning_rate=config.rdm_bottleneck_learning_rate,
+                        hidden_dims=config.rdm_hidden_dims, distortion="mse",
                         collate_fn=collate, output_dir=rdm_dir, progress=False,
                         teacher_name=None if args.smoke else args.teacher,
                         teacher_hub_id=None if args.smoke else model_hub_id(None, args.teacher))
