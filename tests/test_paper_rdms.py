@@ -31,7 +31,7 @@ def test_resnet34_rdm_is_the_papers_three_layers_and_1_31_mmacs():
     linear_macs, ops = _macs(rdm, x, with_rate=False)
     assert linear_macs == 3 * 512 * 512 + 512 * 1000 == 1_298_432 and set(ops) == {"aten.addmm"}
     total, ops = _macs(rdm, x)
-    density = ops["aten.bmm"]  # the factorized density, evaluated at y + 1/2 and y - 1/2: 2 x 33 MACs per channel
+    density = ops["aten.baddbmm"]  # the factorized density (modules/density.py), evaluated at y + 1/2 and y - 1/2: 2 x 33 MACs per channel
     assert density == 2 * 33 * 512 and total == linear_macs + density
     # D.2's "1.31 MMACs" = the layers + one evaluation of the density model (~17k): 1.315 M, which D.2 truncates
     assert linear_macs + density // 2 == 1_315_328 and int((linear_macs + density // 2) / 1e4) == 131

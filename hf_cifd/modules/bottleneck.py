@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .density import factorized_rate_bits
+
 # Buffers that compressai's EntropyBottleneck.update() resizes.
 _RESIZED_BUFFERS = ("_offset", "_quantized_cdf", "_cdf_length")
 
@@ -50,9 +52,9 @@ class EntropyBottleneck1d(nn.Module):
         return y_hat.to(y.dtype), bits
 
     def _forward_with_rate(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """compressai's ``EntropyBottleneck.forward`` + bits, with the density's cumulative logits at y^ - 1/2 and
-        y^ + 1/2 evaluated in ONE pass through its small per-channel MLP instead of two (half the operations and
-        autograd nodes: the IBM's cost per step for a small student). Same noise draws, values and gradients."""
+        """compressai's ``EntropyBottleneck.forward`` + bits, the density at y^ - 1/2 and y^ + 1/2 evaluated in ONE
+        pass through its per-channel MLP, as one autograd node (density.py: the IBM's cost per step for a small
+        student). Same noise draws, values and gradients."""
         eb = self.entropy_bottleneck
         values = y.t().unsqueeze(1)  # compressai's (C, 1, N) layout
         if eb.training:  # compressai's "noise" mode, drawn in the same (C, 1, N) order
@@ -60,14 +62,7 @@ class EntropyBottleneck1d(nn.Module):
         else:  # "dequantize": round around the medians
             medians = eb._get_medians()
             y_hat = torch.round(values - medians) + medians
-        n = values.shape[-1]
-        logits = eb._logits_cumulative(torch.cat((y_hat - 0.5, y_hat + 0.5), dim=-1), stop_gradient=False)
-        lower, upper = logits[..., :n], logits[..., n:]
-        likelihood = torch.sigmoid(upper) - torch.sigmoid(lower)
-        if eb.use_likelihood_bound:
-            likelihood = eb.likelihood_lower_bound(likelihood)
-        bits = -torch.log2(likelihood.float()).sum(dim=(0, 1))
-        return y_hat.squeeze(1).t(), bits
+        return y_hat.squeeze(1).t(), factorized_rate_bits(eb, y_hat)
 
     def aux_loss(self) -> torch.Tensor:
         """compressai's quantile loss: trains the medians used for rounding at eval (and for coding)."""
