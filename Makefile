@@ -27,7 +27,7 @@ study: $(STAMP)
 
 bench: $(STAMP)
 	mkdir -p outputs
-	HF_HUB_OFFLINE=1 $(PY) scripts/bench.py --json outputs/bench.json $(ARGS)
+	HF_HUB_OFFLINE=1 $(PY) scripts/bench.py --json results/bench/bench.json --profile $(ARGS)
 
 bench-data: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) scripts/bench_data.py
