@@ -38,6 +38,8 @@ from .models import SimpleCNN
 
 logger = logging.getLogger("hf_cifd.demo")
 
+RDM_RATES = (3000.0, 400.0, 250.0)  # the RDMs' R (see the module docstring)
+
 
 def teacher_model() -> SimpleCNN:
     return SimpleCNN(["C32", "C64", "MP", "C128", "FC256"], num_classes=10, in_channels=1, input_size=8)
@@ -115,7 +117,7 @@ def _method_kwargs(method, teacher, cache_dir, rdms, num_train, steps) -> tuple[
 
 def run_demo(output_dir: str = "outputs/demo", methods=("student", "kd", "cifd"), seeds=(0, 1, 2),
              n_labeled: int = 200, steps: int = 400, trials: int = 3, teacher_steps: int = 300,
-             rdm_rates=(3000.0, 400.0, 250.0), rdm_epochs: int = 30,
+             rdm_rates=RDM_RATES, rdm_epochs: int = 30,
              progress: Callable[[str], None] = print) -> dict[str, Any]:
     from transformers.utils import logging as hf_logging
 

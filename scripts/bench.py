@@ -46,7 +46,6 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 RATES = [1e4, 5e3, 1e3]
-TINY_RATES = [100.0, 10.0, 1.0]  # the demo's
 
 
 # ----------------------------------------------------------------------------------------------- timing machinery
@@ -128,7 +127,7 @@ def ratio_row(name, a, b, values, target, kind="<=", note="", unit="ms/step", cp
 def tiny_setup(tmp):
     """The demo's teacher/student (hf_cifd/demo.py) on its digits split; teacher cache as the demo builds it."""
     from hf_cifd.data import cache_teacher_outputs
-    from hf_cifd.demo import load_digits_splits, student_model, teacher_model
+    from hf_cifd.demo import RDM_RATES as TINY_RATES, load_digits_splits, student_model, teacher_model
     from hf_cifd.modules import RateDistortionModule
 
     train, _ = load_digits_splits()
@@ -143,7 +142,7 @@ def tiny_setup(tmp):
         def build(steps, clock):
             from hf_cifd import DistillationTrainer
 
-            extra = dict(num_rdms=3, rdm_rates=TINY_RATES) if method == "cifd" else {}
+            extra = dict(num_rdms=3, rdm_rates=list(TINY_RATES)) if method == "cifd" else {}
             return DistillationTrainer(
                 model=student_model(), teacher=teacher if live and method != "student" else None, train_dataset=train,
                 teacher_cache=None if live or method == "student" else cache, rdms=rdms if method == "cifd" else None,
