@@ -42,7 +42,6 @@ import sys
 import time
 from typing import Any
 
-import numpy as np
 import torch
 
 BUDGETS: dict[str, dict[str, Any]] = {
@@ -139,8 +138,13 @@ def enqueue_defaults(args, storage: str, name: str) -> None:
     from hf_cifd.hpo import method_knobs, storage_url
 
     study = optuna.create_study(storage=storage_url(storage), study_name=name, load_if_exists=True, direction="maximize")
-    if study.get_trials(deepcopy=False):
+    states = optuna.trial.TrialState
+    trials = study.get_trials(deepcopy=False)
+    if any(t.state in (states.COMPLETE, states.PRUNED, states.WAITING) for t in trials):
         return
+    for t in trials:  # a run interrupted before any trial finished: its RUNNING trial is dead (one process per method)
+        if t.state == states.RUNNING:
+            study._storage.set_trial_state_values(t._trial_id, states.FAIL)
     params = {"learning_rate": args.learning_rate, **{k: getattr(args, k) for k in method_knobs(args)}}
     params.update({f"rdm_weight_{i}": 1.0 for i in range(args.num_rdms if args.method == "cifd" else 0)})
     study.enqueue_trial(params)
@@ -261,8 +265,9 @@ class Study:
         if spec.pop("dgkd", False):  # the TAKD chain's assistants, run live beside the cached teacher
             kw["assistants"] = [self.ta(n) for n in ("cnn8", "cnn6", "cnn4")]
         n_rdms = spec.pop("rdms", 0)
+        rates = spec.pop("rates", None)  # explicit R per RDM (diagnostics); default: the chosen rates
         if n_rdms:
-            rates = self.chosen_rates(n_rdms)
+            rates = rates or self.chosen_rates(n_rdms)
             kw["rdms"] = self.rdms_at(rates)
             spec.update(num_rdms=n_rdms, rdm_rates=rates)
         elif method == "cifd":
@@ -287,8 +292,11 @@ class Study:
 
         d = self.data()
         t0 = time.perf_counter()
+        # the pruner sees the validation accuracy every 5 epochs (per-epoch evaluation doubled a trial's cost on the
+        # shared CPU); the objective is the last one, after the final epoch, either way
+        steps_per_epoch = -(-self.a.n_train // BATCH)
         trainer = self.trainer(spec, 0, self.train_set(), d["val"], model_init=lambda trial: cnn("cnn2"),
-                               eval_strategy="epoch")
+                               eval_strategy="steps", eval_steps=steps_per_epoch * max(1, self.a.epochs // 6))
         space = default_hp_space(trainer.args, lr_factor=LR_FACTOR)
         if self.a.trials > 0:
             enqueue_defaults(trainer.args, self.hpo_db, name)
@@ -436,6 +444,31 @@ def method_specs(available: set[str]) -> dict[str, dict]:
     return specs
 
 
+# CIFD variants at KD's chosen setting, one seed, scored on validation only (``--diagnostics``): which CIFD term costs
+# accuracy here. name -> (study spec, config overrides on top of KD's chosen hyperparameters)
+DIAGNOSTICS = {
+    "3rdm_ibm_emb0": ({"method": "cifd", "rdms": 3, "use_ibm": True}, dict(embedding_weight=0.0, kd_dropout=0.0)),
+    "3rdm_ibm_emb0_teacherlike": ({"method": "cifd", "rdms": 3, "use_ibm": True, "rates": [30000.0, 10000.0, 7000.0]},
+                                  dict(embedding_weight=0.0, kd_dropout=0.0)),
+    "0rdm_ibm_emb8.7": ({"method": "cifd", "rdms": 0, "use_ibm": True}, dict(embedding_weight=8.66, kd_dropout=0.0)),
+    "3rdm_noibm_emb0_drop0": ({"method": "cifd", "rdms": 3, "use_ibm": False}, dict(embedding_weight=0.0, kd_dropout=0.0)),
+}
+
+
+def diagnose(study: Study) -> None:
+    kd = dict(study.tune("kd", {"method": "kd"})["chosen"])
+    for name, (spec, extra) in DIAGNOSTICS.items():
+        key = f"diag/{name}"
+        if key in study.runs:
+            continue
+        t0 = time.perf_counter()
+        trainer = study.trainer(spec, 0, study.train_set(), **{**kd, **extra})
+        trainer.train()
+        study.runs.add({"id": key, "base": "tune/kd chosen", "spec": spec, "overrides": {**kd, **extra},
+                        "val_accuracy": accuracy(trainer, study.data()["val"]),
+                        "seconds": round(time.perf_counter() - t0, 1)})
+
+
 # ---------------------------------------------------------------------------------------------------- report
 def training_macs(study: Study, name: str, spec: dict, m: dict[str, int]) -> dict[str, float]:
     """Forward MACs of the student stage (+ the method's extra stages), as the paper's Appendix D.2 (and
@@ -482,6 +515,7 @@ def report(study: Study, specs: dict[str, dict]) -> dict:
         "rate_sweep": runs["sweep"] if "sweep" in runs else None,
         "rate_sweep_pilot": runs["sweep_pilot"] if "sweep_pilot" in runs else None,
         "teacher_assistants": {k.split("/")[1]: runs[k] for k in runs.rows if k.startswith("ta/")},
+        "cifd_diagnostics": [runs[k] for k in runs.rows if k.startswith("diag/")],
         "methods": {},
     }
     if out["rate_sweep"]:
@@ -601,6 +635,8 @@ def parse(argv=None):
     p.add_argument("--methods", default=None,
                    help="comma-separated subset of the study's methods, run in this order (default: all)")
     p.add_argument("--report_only", action="store_true")
+    p.add_argument("--diagnostics", action="store_true",
+                   help="after the methods, run the CIFD variants of DIAGNOSTICS (one seed, validation only)")
     for k, v in BUDGETS["default"].items():
         p.add_argument(f"--{k}", type=type(v) if not isinstance(v, list) else type(v[0]), nargs="+" if isinstance(v, list) else None,
                        default=None)
@@ -646,6 +682,8 @@ def main(argv=None):
                 logger.exception("method %s failed; continuing with the next", name)
                 continue
             logger.info("%s done (%.0f s since start)", name, time.perf_counter() - t0)
+        if a.diagnostics:
+            diagnose(study)
     report(study, specs)
 
 
