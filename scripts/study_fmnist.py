@@ -591,9 +591,6 @@ def plot(out: dict, results_dir: str) -> None:
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
         ax1.semilogx([m["rate_weight"] for m in rows], [m["accuracy"] for m in rows], "o-", label="RDM")
         ax2.plot([m["rate_bits"] for m in rows], [m["accuracy"] for m in rows], "o-", label="RDM")
-        for r in rows:
-            ax2.annotate(f"R={r['rate_weight']:g}", (r["rate_bits"], r["accuracy"]), fontsize=6, xytext=(3, -8),
-                         textcoords="offset points")
         for ax in (ax1, ax2):
             ax.axhline(sweep["teacher_val_accuracy"], color="gray", ls="--", label="teacher")
             pilot = [p for p in out["pilot"] if p["method"] == "student" and p["n_train"] == out["data"]["student_train"]
@@ -603,6 +600,7 @@ def plot(out: dict, results_dir: str) -> None:
             ax.set_ylabel("validation accuracy (%)")
         ax1.set_xlabel("rate weight R")
         ax2.set_xscale("symlog", linthresh=1.0)
+        ax2.set_xlim(left=0)
         ax2.set_xlabel("rate (bits / image, eval mode)")
         for r in out.get("chosen_rates", {}).get(5, []):
             ax1.axvline(r, color="tab:green", alpha=0.3)
@@ -612,11 +610,19 @@ def plot(out: dict, results_dir: str) -> None:
         fig.savefig(os.path.join(results_dir, "rd_curve.png"), dpi=110)
         plt.close(fig)
     if out["methods"]:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for name, r in out["methods"].items():
-            x = r["training_macs"]["total"] / 1e12
-            ax.errorbar(x, r["test_accuracy_mean"], yerr=r["test_accuracy_std"], fmt="o", capsize=3)
-            ax.annotate(name, (x, r["test_accuracy_mean"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        fig, ax = plt.subplots(figsize=(7.5, 4.5))
+        floor = out["methods"]["student"]["test_accuracy_mean"] - 5 if "student" in out["methods"] else -1.0
+        off = []
+        markers = "osD^v<>pPX*h"
+        for i, (name, r) in enumerate(out["methods"].items()):
+            if r["test_accuracy_mean"] < floor:  # e.g. a collapsed method: named below instead of squashing the axis
+                off.append(f"{name} {r['test_accuracy_mean']:.1f} ± {r['test_accuracy_std']:.1f}")
+                continue
+            ax.errorbar(r["training_macs"]["total"] / 1e12, r["test_accuracy_mean"], yerr=r["test_accuracy_std"],
+                        fmt=markers[i % len(markers)], capsize=3, label=name)
+        if off:
+            ax.text(0.02, 0.02, "off scale: " + "; ".join(off), transform=ax.transAxes, fontsize=7)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
         ax.set_xscale("log")
         ax.set_xlabel("training cost (forward TMACs, paper App. D.2 convention)")
         ax.set_ylabel("test accuracy (%)")
