@@ -45,6 +45,11 @@ def atomic_json(path: str, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def files_identity(paths) -> list[list]:
+    """``[absolute path, size]`` of each existing file: the data part of a finished stage's identity."""
+    return [[os.path.abspath(f), os.path.getsize(f)] for f in paths or [] if os.path.isfile(f)]
+
+
 def finished_stage(marker: str, identity: dict[str, Any], what: str) -> dict | None:
     """The ``complete.json`` marker of a finished pipeline stage (teacher training, teacher cache, RDMs) when it
     belongs to this run; None when absent; an error when it was made by another run (another teacher, data or rates)

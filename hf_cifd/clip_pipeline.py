@@ -23,7 +23,7 @@ from typing import Any, Mapping
 
 import torch
 
-from .checkpoints import atomic_json, finished_stage, restart_value
+from .checkpoints import atomic_json, files_identity, finished_stage, restart_value
 from .config import DistillationConfig
 
 logger = logging.getLogger("hf_cifd.clip_pipeline")
@@ -257,8 +257,7 @@ def _rdms(args, config, teacher, t_pre_val, t_tok, train_path, train_files, rt_d
 
 
 def _data_identity(train_path, train_files) -> dict[str, Any]:
-    files = [[os.path.abspath(f), os.path.getsize(f)] for f in (train_files or {}).get("train", []) if os.path.isfile(f)]
-    return {"dataset": train_path, "data_files": files}
+    return {"dataset": train_path, "data_files": files_identity((train_files or {}).get("train"))}
 
 
 def _teacher_identity(args, teacher, train_path, train_files) -> dict[str, Any]:

@@ -49,7 +49,7 @@ from typing import Any, Mapping
 import torch
 
 from .adapters.specs import load_model, split_spec
-from .checkpoints import atomic_json, finished_stage
+from .checkpoints import atomic_json, files_identity, finished_stage
 from .checks import DistillationInputError
 from .config import DistillationConfig
 
@@ -378,8 +378,7 @@ class _Run:
 
     def _data_identity(self) -> dict[str, Any]:
         a = self.args
-        files = [[os.path.abspath(f), os.path.getsize(f)] for f in (a.data_files or []) if os.path.isfile(f)]
-        return {"dataset": a.dataset, "split": a.train_split, "data_files": files,
+        return {"dataset": a.dataset, "split": a.train_split, "data_files": files_identity(a.data_files),
                 "max_train_samples": a.max_train_samples, "image_size": a.image_size}
 
     def _rdm_identity(self, teacher) -> dict[str, Any]:
