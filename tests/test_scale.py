@@ -164,6 +164,26 @@ def test_bf16_clip_methods_match_fp32(tmp_path, clip_models, clip_shards, method
 
 
 # ---------------------------------------------------------------------------------------------- DeepSpeed ZeRO
+def _zero_run(tmp_path, stage, kind):
+    """Runs data_scripts/zero_run.py (``kind``: "cls" = timm, "clip" = open_clip) on 2 processes with the shipped
+    zero<stage>.json and checks what both tests share: 2 processes at that stage, 4 finite losses that fall, a
+    checkpoint at step 2 and a resume that reaches step 4. Returns (the run's folder, its result.json)."""
+    import json
+
+    out = tmp_path / "run"
+    ds_json = os.path.join(ROOT, "recipes", "configs", "deepspeed", f"zero{stage}.json")
+    res = subprocess.run([*TORCHRUN, os.path.join(SCRIPTS, "zero_run.py"), ds_json, str(out),
+                          *(["clip"] if kind == "clip" else [])],
+                         capture_output=True, text=True, timeout=600, env=_env(DS_ACCELERATOR="cpu"), cwd=str(tmp_path))
+    assert res.returncode == 0, res.stderr[-5000:]
+    result = json.loads((out / kind / "result.json").read_text())
+    assert result["num_processes"] == 2 and result["zero_stage"] == stage
+    losses = result["losses"]
+    assert len(losses) == 4 and all(math.isfinite(v) for v in losses) and losses[-1] < losses[0], losses
+    assert (out / kind / "checkpoint-2").is_dir() and result["resumed_steps"] == 4
+    return out, result
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 def test_cifd_under_deepspeed_zero_two_processes(tmp_path, stage):
@@ -172,16 +192,7 @@ def test_cifd_under_deepspeed_zero_two_processes(tmp_path, stage):
     student's outputs, and a run resumed from the ZeRO checkpoint at step 2 ends with the same weights."""
     import json
 
-    out = tmp_path / "run"
-    ds_json = os.path.join(ROOT, "recipes", "configs", "deepspeed", f"zero{stage}.json")
-    res = subprocess.run([*TORCHRUN, os.path.join(SCRIPTS, "zero_run.py"), ds_json, str(out)], capture_output=True,
-                         text=True, timeout=600, env=_env(DS_ACCELERATOR="cpu"), cwd=str(tmp_path))
-    assert res.returncode == 0, res.stderr[-5000:]
-    result = json.loads((out / "cls" / "result.json").read_text())
-    assert result["num_processes"] == 2 and result["zero_stage"] == stage
-    losses = result["losses"]
-    assert len(losses) == 4 and all(math.isfinite(v) for v in losses) and losses[-1] < losses[0], losses
-    assert (out / "cls" / "checkpoint-2").is_dir() and result["resumed_steps"] == 4
+    out, result = _zero_run(tmp_path, stage, "cls")
     assert result["resume_max_abs_diff"] <= 1e-6, result["resume_max_abs_diff"]
     check = subprocess.run(
         [os.sys.executable, "-c",
@@ -204,16 +215,7 @@ def test_cifd_clip_under_deepspeed_zero_two_processes(tmp_path, stage):
     exported student loads with plain open_clip and reproduces the trained student's features and scale."""
     import json
 
-    out = tmp_path / "run"
-    ds_json = os.path.join(ROOT, "recipes", "configs", "deepspeed", f"zero{stage}.json")
-    res = subprocess.run([*TORCHRUN, os.path.join(SCRIPTS, "zero_run.py"), ds_json, str(out), "clip"],
-                         capture_output=True, text=True, timeout=600, env=_env(DS_ACCELERATOR="cpu"), cwd=str(tmp_path))
-    assert res.returncode == 0, res.stderr[-5000:]
-    result = json.loads((out / "clip" / "result.json").read_text())
-    assert result["num_processes"] == 2 and result["zero_stage"] == stage
-    losses = result["losses"]
-    assert len(losses) == 4 and all(math.isfinite(v) for v in losses) and losses[-1] < losses[0], losses
-    assert (out / "clip" / "checkpoint-2").is_dir() and result["resumed_steps"] == 4
+    out, result = _zero_run(tmp_path, stage, "clip")
     check = subprocess.run(
         [os.sys.executable, "-c",
          "import sys, json, torch, open_clip\n"
